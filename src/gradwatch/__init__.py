@@ -1,0 +1,43 @@
+"""gradwatch: exact, self-describing gradient statistics of a PyTorch run on Prometheus /metrics.
+
+Importing this package is cheap: torch and OpenTelemetry load only when something is watched.
+
+Example::
+
+    import torch, gradwatch
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = gradwatch.watch(model, opt, port=0)   # port 0: any free port
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()                                      # first step starts /metrics
+    print(f"http://127.0.0.1:{handle.port}/metrics")
+    handle.close()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "watch"]
+
+if TYPE_CHECKING:
+    from .session import Handle
+
+
+def watch(model: Any = None, optimizer: Any = None, **settings: Any) -> Handle:
+    """Export gradient statistics of ``optimizer`` (every optimizer if None) on ``/metrics``.
+
+    ``model`` (a module or a list of them) supplies the dotted parameter names; without it they
+    are found among the live modules. ``settings`` override the environment variables of the
+    same name without the ``GRADWATCH_`` prefix, lower-cased: ``port``, ``host``, ``every``,
+    ``groups`` (``{"host": "host.", "seed": ["seed.", "stem."]}``), ``per_param``,
+    ``max_params``, ``vanishing_threshold``, ``exploding_threshold``, ``backend``.
+
+    Returns a handle with ``close()`` (also a context manager). With ``GRADWATCH=0`` or a bad
+    setting it returns a disabled handle and training goes on without telemetry. A second call
+    adds its model and optimizer to the running session.
+    """
+    from .session import watch as _watch
+
+    return _watch(model, optimizer, **settings)

@@ -1,0 +1,491 @@
+"""The catalog: the single source of truth for every number gradwatch exports.
+
+Each :class:`Statistic` carries its OpenTelemetry instrument name, the Prometheus name that the
+exposition shows, its unit, the formula in plain text, how it reduces across tensors and across
+ranks, and (for gradient statistics) the function that computes it from an :class:`Aggregate`.
+Instruments, ``gradwatch catalog``, the README table and the dashboards are all derived from
+:data:`CATALOG`; nothing else restates a formula.
+
+Notation used in the formulas: ``g`` ranges over every element of every gradient tensor in the
+set (the params of the optimizer whose ``.grad`` is not None, or of one group, or one param);
+``N`` is the number of those elements, ``T`` the number of those tensors and ``||g_i||`` the L2
+norm of tensor ``i``. Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Label values of the `kind` label on non-finite counts.
+NONFINITE_KINDS = ("nan", "inf")
+
+# Scopes: which set of gradients (or which part of gradwatch) a statistic describes.
+GLOBAL, GROUP, PARAM, SELF = "global", "group", "param", "self"
+
+# A value is either a plain number or one number per value of the statistic's extra label.
+Value = float | Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Per-tensor partials of one set of gradient tensors, in float64 (numpy arrays of length T)."""
+
+    sumsq: np.ndarray
+    sumabs: np.ndarray
+    maxabs: np.ndarray
+    nan: np.ndarray
+    inf: np.ndarray
+    zero: np.ndarray
+    numel: np.ndarray
+
+    @property
+    def tensors(self) -> int:
+        return int(self.sumsq.shape[0])
+
+    @property
+    def elements(self) -> int:
+        return int(self.numel.sum())
+
+    @property
+    def nonfinite(self) -> int:
+        return int(self.nan.sum() + self.inf.sum())
+
+    def tensor_norms(self) -> np.ndarray:
+        return np.sqrt(self.sumsq)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-tensor L2 norm bounds for the vanishing/exploding counts."""
+
+    vanishing: float = 1e-7
+    exploding: float = 1e2
+
+
+def _finite_only(compute: Callable[[Aggregate], float]) -> Callable[[Aggregate, Thresholds], float]:
+    """Magnitudes over a set holding any NaN/Inf are not finite numbers: report none (absent)."""
+
+    def wrapped(agg: Aggregate, _: Thresholds) -> float:
+        if agg.nonfinite or agg.tensors == 0:
+            return math.nan
+        return float(compute(agg))
+
+    return wrapped
+
+
+def _per_element(compute: Callable[[Aggregate], float]) -> Callable[[Aggregate, Thresholds], float]:
+    """Ratios per element are undefined (absent) when the set has no elements."""
+
+    def wrapped(agg: Aggregate, _: Thresholds) -> float:
+        n = agg.elements
+        return math.nan if n == 0 else float(compute(agg)) / n
+
+    return wrapped
+
+
+def _nonfinite_by_kind(agg: Aggregate, _: Thresholds) -> Mapping[str, float]:
+    return {"nan": float(agg.nan.sum()), "inf": float(agg.inf.sum())}
+
+
+def _count(compute: Callable[[Aggregate, Thresholds], float]):
+    return lambda agg, th: float(compute(agg, th))
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One exported number: names, unit, formula, reductions and (if it is one) its computation."""
+
+    otel_name: str
+    prom_name: str
+    instrument: str  # "gauge" | "counter"
+    unit: str
+    formula: str
+    scope: str
+    across_tensors: str
+    across_ranks: str
+    labels: tuple[str, ...] = ()
+    label_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    compute: Callable[[Aggregate, Thresholds], Value] | None = None
+    default_on: bool = True
+
+    def description(self, thresholds: Thresholds | None = None) -> str:
+        """HELP text: the formula with the thresholds in force substituted."""
+        th = thresholds or Thresholds()
+        return self.formula.format(vanishing=th.vanishing, exploding=th.exploding)
+
+
+_ABSENT = " Absent while the set holds NaN/Inf (see grad_nonfinite_elements)."
+_PARTIALS = "per-tensor partials summed over shards (max for abs max); replicated tensors once"
+
+
+def _magnitude(otel: str, prom: str, scope: str, formula: str, compute, **kw) -> Statistic:
+    return Statistic(
+        otel_name=otel,
+        prom_name=prom,
+        instrument="gauge",
+        unit="{gradient}",
+        formula=formula + _ABSENT,
+        scope=scope,
+        across_tensors=kw.pop("across_tensors", "sum of squares over all tensors, then sqrt"),
+        across_ranks=kw.pop("across_ranks", _PARTIALS),
+        compute=_finite_only(compute),
+        **kw,
+    )
+
+
+_L2 = "sqrt(sum of g^2 over every element of every gradient tensor)"
+
+CATALOG: tuple[Statistic, ...] = (
+    # ---- global statistics over all gradients the optimizer is about to apply ----
+    _magnitude(
+        "grad.l2_norm",
+        "grad_l2_norm",
+        GLOBAL,
+        f"Total L2 norm of the gradients: {_L2}; the value torch.nn.utils.clip_grad_norm_ returns"
+        " (measured after any clipping the loop did).",
+        lambda a: math.sqrt(a.sumsq.sum()),
+    ),
+    _magnitude(
+        "grad.rms",
+        "grad_rms",
+        GLOBAL,
+        "Root mean square of the gradient elements: sqrt(sum of g^2 / N), N = number of gradient"
+        " elements; comparable across model sizes.",
+        lambda a: math.sqrt(a.sumsq.sum() / a.elements) if a.elements else math.nan,
+    ),
+    _magnitude(
+        "grad.abs_mean",
+        "grad_abs_mean",
+        GLOBAL,
+        "Mean absolute gradient element: sum of abs(g) / N, N = number of gradient elements.",
+        lambda a: a.sumabs.sum() / a.elements if a.elements else math.nan,
+        across_tensors="sum of abs over all tensors, divided by N",
+    ),
+    _magnitude(
+        "grad.abs_max",
+        "grad_abs_max",
+        GLOBAL,
+        "Largest absolute gradient element (the L-infinity norm): max of abs(g).",
+        lambda a: a.maxabs.max(),
+        across_tensors="max over tensors",
+    ),
+    _magnitude(
+        "grad.l2_norm_divided_by_tensors",
+        "grad_l2_norm_divided_by_tensors",
+        GLOBAL,
+        f"Total L2 norm divided by the number of gradient tensors: {_L2} / T, T = number of"
+        " gradient tensors. Not the total norm: divide grad_l2_norm by grad_tensors to see why.",
+        lambda a: math.sqrt(a.sumsq.sum()) / a.tensors,
+    ),
+    _magnitude(
+        "grad.tensor_l2_norm_min",
+        "grad_tensor_l2_norm_min",
+        GLOBAL,
+        "Smallest per-tensor L2 norm: min over tensors i of ||g_i|| = sqrt(sum of g^2 over"
+        " tensor i).",
+        lambda a: a.tensor_norms().min(),
+        across_tensors="min over tensors of each tensor's own L2 norm",
+    ),
+    _magnitude(
+        "grad.tensor_l2_norm_max",
+        "grad_tensor_l2_norm_max",
+        GLOBAL,
+        "Largest per-tensor L2 norm: max over tensors i of ||g_i|| = sqrt(sum of g^2 over"
+        " tensor i).",
+        lambda a: a.tensor_norms().max(),
+        across_tensors="max over tensors of each tensor's own L2 norm",
+    ),
+    _magnitude(
+        "grad.tensor_l2_norm_mean",
+        "grad_tensor_l2_norm_mean",
+        GLOBAL,
+        "Mean per-tensor L2 norm: (sum over tensors i of ||g_i||) / T, T = number of gradient"
+        " tensors.",
+        lambda a: a.tensor_norms().mean(),
+        across_tensors="mean over tensors of each tensor's own L2 norm",
+    ),
+    Statistic(
+        otel_name="grad.zero_ratio",
+        prom_name="grad_zero_ratio",
+        instrument="gauge",
+        unit="1",
+        formula="Fraction of gradient elements exactly 0: (number of elements equal to 0) / N,"
+        " N = number of gradient elements.",
+        scope=GLOBAL,
+        across_tensors="zero counts summed, divided by N",
+        across_ranks="zero counts and N summed over shards",
+        compute=_per_element(lambda a: a.zero.sum()),
+    ),
+    Statistic(
+        otel_name="grad.nonfinite_elements",
+        prom_name="grad_nonfinite_elements",
+        instrument="gauge",
+        unit="{element}",
+        formula="Gradient elements that are NaN (kind=nan) or +/-Inf (kind=inf) in the last"
+        " collected step; exact counts.",
+        scope=GLOBAL,
+        across_tensors="counts summed",
+        across_ranks="counts summed over shards",
+        labels=("kind",),
+        label_values={"kind": NONFINITE_KINDS},
+        compute=_nonfinite_by_kind,
+    ),
+    Statistic(
+        otel_name="grad.tensors_vanishing",
+        prom_name="grad_tensors_vanishing",
+        instrument="gauge",
+        unit="{tensor}",
+        formula="Gradient tensors whose L2 norm ||g_i|| is below {vanishing:g} (vanishing"
+        " threshold in force).",
+        scope=GLOBAL,
+        across_tensors="count of tensors",
+        across_ranks="computed on the full (all-shard) per-tensor norms",
+        compute=_count(lambda a, th: (a.tensor_norms() < th.vanishing).sum()),
+    ),
+    Statistic(
+        otel_name="grad.tensors_exploding",
+        prom_name="grad_tensors_exploding",
+        instrument="gauge",
+        unit="{tensor}",
+        formula="Gradient tensors whose L2 norm ||g_i|| is above {exploding:g} (exploding"
+        " threshold in force); a tensor holding Inf counts, one holding NaN does not.",
+        scope=GLOBAL,
+        across_tensors="count of tensors",
+        across_ranks="computed on the full (all-shard) per-tensor norms",
+        compute=_count(lambda a, th: (a.tensor_norms() > th.exploding).sum()),
+    ),
+    Statistic(
+        otel_name="grad.elements",
+        prom_name="grad_elements",
+        instrument="gauge",
+        unit="{element}",
+        formula="N: number of gradient elements in the last collected step (params without a"
+        " grad are not counted).",
+        scope=GLOBAL,
+        across_tensors="sum of numel",
+        across_ranks="sum over shards (full parameter sizes)",
+        compute=lambda a, _: float(a.elements),
+    ),
+    Statistic(
+        otel_name="grad.tensors",
+        prom_name="grad_tensors",
+        instrument="gauge",
+        unit="{tensor}",
+        formula="T: number of gradient tensors in the last collected step (params whose .grad is"
+        " not None).",
+        scope=GLOBAL,
+        across_tensors="count",
+        across_ranks="parameters counted once",
+        compute=lambda a, _: float(a.tensors),
+    ),
+    Statistic(
+        otel_name="grad.stats_step",
+        prom_name="grad_stats_step",
+        instrument="gauge",
+        unit="{step}",
+        formula="Optimizer step that the grad_* gauges belong to: number of optimizer.step()"
+        " calls so far, this one included.",
+        scope=GLOBAL,
+        across_tensors="-",
+        across_ranks="identical on every rank",
+    ),
+    Statistic(
+        otel_name="grad.steps",
+        prom_name="grad_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Optimizer steps whose gradients were collected (every GRADWATCH_EVERY-th step).",
+        scope=GLOBAL,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="grad.nonfinite_steps",
+        prom_name="grad_nonfinite_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Collected steps whose gradients held any NaN or +/-Inf element.",
+        scope=GLOBAL,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="amp.skipped_steps",
+        prom_name="amp_skipped_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Optimizer steps that torch.amp.GradScaler skipped because the scaled gradients"
+        " held NaN/Inf; their gradients are not reported as statistics.",
+        scope=GLOBAL,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    # ---- per parameter group ----
+    _magnitude(
+        "grad.group.l2_norm",
+        "grad_group_l2_norm",
+        GROUP,
+        "L2 norm of the group's gradients: sqrt(sum of g^2 over every element of every gradient"
+        " tensor in the group).",
+        lambda a: math.sqrt(a.sumsq.sum()),
+        labels=("group",),
+    ),
+    _magnitude(
+        "grad.group.rms",
+        "grad_group_rms",
+        GROUP,
+        "Root mean square of the group's gradient elements: sqrt(sum of g^2 / N_group).",
+        lambda a: math.sqrt(a.sumsq.sum() / a.elements) if a.elements else math.nan,
+        labels=("group",),
+    ),
+    _magnitude(
+        "grad.group.abs_max",
+        "grad_group_abs_max",
+        GROUP,
+        "Largest absolute gradient element in the group: max of abs(g).",
+        lambda a: a.maxabs.max(),
+        labels=("group",),
+        across_tensors="max over tensors",
+    ),
+    Statistic(
+        otel_name="grad.group.nonfinite_elements",
+        prom_name="grad_group_nonfinite_elements",
+        instrument="gauge",
+        unit="{element}",
+        formula="Gradient elements of the group that are NaN (kind=nan) or +/-Inf (kind=inf) in"
+        " the last collected step.",
+        scope=GROUP,
+        across_tensors="counts summed",
+        across_ranks="counts summed over shards",
+        labels=("group", "kind"),
+        label_values={"kind": NONFINITE_KINDS},
+        compute=_nonfinite_by_kind,
+    ),
+    # ---- per parameter tensor (opt-in) ----
+    _magnitude(
+        "grad.param.l2_norm",
+        "grad_param_l2_norm",
+        PARAM,
+        "L2 norm of one parameter's gradient: sqrt(sum of g^2 over the tensor).",
+        lambda a: math.sqrt(a.sumsq.sum()),
+        labels=("param",),
+        default_on=False,
+        across_tensors="one tensor",
+    ),
+    _magnitude(
+        "grad.param.abs_max",
+        "grad_param_abs_max",
+        PARAM,
+        "Largest absolute element of one parameter's gradient: max of abs(g).",
+        lambda a: a.maxabs.max(),
+        labels=("param",),
+        default_on=False,
+        across_tensors="one tensor",
+    ),
+    Statistic(
+        otel_name="grad.param.zero_ratio",
+        prom_name="grad_param_zero_ratio",
+        instrument="gauge",
+        unit="1",
+        formula="Fraction of one parameter's gradient elements exactly 0: zeros / numel.",
+        scope=PARAM,
+        across_tensors="one tensor",
+        across_ranks="zero counts and numel summed over shards",
+        labels=("param",),
+        compute=_per_element(lambda a: a.zero.sum()),
+        default_on=False,
+    ),
+    Statistic(
+        otel_name="grad.param.nonfinite_elements",
+        prom_name="grad_param_nonfinite_elements",
+        instrument="gauge",
+        unit="{element}",
+        formula="Elements of one parameter's gradient that are NaN (kind=nan) or +/-Inf"
+        " (kind=inf) in the last collected step.",
+        scope=PARAM,
+        across_tensors="one tensor",
+        across_ranks="counts summed over shards",
+        labels=("param", "kind"),
+        label_values={"kind": NONFINITE_KINDS},
+        compute=_nonfinite_by_kind,
+        default_on=False,
+    ),
+    # ---- gradwatch's own cost and health ----
+    Statistic(
+        otel_name="gradwatch.collect",
+        prom_name="gradwatch_collect_seconds",
+        instrument="gauge",
+        unit="s",
+        formula="Host time the training thread spent in gradwatch's last collection (launch or"
+        " computation of the reduction, not the asynchronous device time).",
+        scope=SELF,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="gradwatch.errors",
+        prom_name="gradwatch_errors_total",
+        instrument="counter",
+        unit="{error}",
+        formula="Failures inside gradwatch, by stage (collect, readout, export, server, config);"
+        " each was logged and never raised into training.",
+        scope=SELF,
+        across_tensors="-",
+        across_ranks="per rank",
+        labels=("stage",),
+    ),
+    Statistic(
+        otel_name="gradwatch.dropped_steps",
+        prom_name="gradwatch_dropped_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Collections dropped because the device had not finished the previous ones"
+        " (gradwatch never blocks the training thread to wait for them).",
+        scope=SELF,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="gradwatch.info",
+        prom_name="gradwatch_info",
+        instrument="gauge",
+        unit="{info}",
+        formula="Always 1; labels carry the gradwatch version and the reduction backend in use.",
+        scope=SELF,
+        across_tensors="-",
+        across_ranks="per rank",
+        labels=("version", "backend"),
+    ),
+)
+
+BY_PROM_NAME: dict[str, Statistic] = {s.prom_name: s for s in CATALOG}
+
+
+def markdown_table(thresholds: Thresholds | None = None) -> str:
+    """The metric table of README.md, generated (never hand-edited)."""
+    rows = [
+        "| Prometheus name | labels | unit | formula (HELP text) | across tensors | across ranks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in CATALOG:
+        labels = ", ".join(f"`{x}`" for x in s.labels) or "-"
+        opt = "" if s.default_on else " *(opt-in)*"
+        rows.append(
+            f"| `{s.prom_name}`{opt} | {labels} | `{s.unit}` | {s.description(thresholds)} |"
+            f" {s.across_tensors} | {s.across_ranks} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def text_table(thresholds: Thresholds | None = None) -> str:
+    """A plain-text listing for terminals."""
+    out = []
+    for s in CATALOG:
+        labels = "{" + ",".join(s.labels) + "}" if s.labels else ""
+        out.append(f"{s.prom_name}{labels}  [{s.instrument}, unit {s.unit}]")
+        out.append(f"    {s.description(thresholds)}")
+    return "\n".join(out) + "\n"

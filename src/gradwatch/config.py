@@ -1,0 +1,285 @@
+"""Settings: every environment variable gradwatch reads, parsed in one place.
+
+A bad value raises :class:`SettingError`, whose message is one line naming the variable, the value
+and what is accepted. Callers on the training path turn it into one line on stderr and switch
+telemetry off; it never reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+BACKENDS = ("auto", "native", "torch", "triton")
+DEFAULT_PORT = 9464
+
+
+class SettingError(ValueError):
+    """A setting has a value gradwatch cannot use. ``str()`` is the one-line explanation."""
+
+    def __init__(self, name: str, value: object, accepted: str) -> None:
+        self.name, self.value, self.accepted = name, value, accepted
+        super().__init__(f"gradwatch: {name}={value!r} is not valid; accepted: {accepted}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Documentation row for one environment variable (README's settings table is made from it)."""
+
+    name: str
+    default: str
+    accepted: str
+    meaning: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "GRADWATCH",
+        "unset",
+        "1/true/yes/on, 0/false/no/off",
+        "1 turns on no-code mode (every optimizer is watched); 0 turns every form off,"
+        " `watch()` included.",
+    ),
+    Setting(
+        "GRADWATCH_PORT",
+        str(DEFAULT_PORT),
+        "integer 1-65535 (0: any free port)",
+        "Port of `/metrics`; under torchrun each rank uses PORT + LOCAL_RANK.",
+    ),
+    Setting(
+        "GRADWATCH_HOST",
+        "127.0.0.1",
+        "an IP address or host name",
+        "Interface `/metrics` binds to. `0.0.0.0` exposes it to the network (a warning is logged).",
+    ),
+    Setting(
+        "GRADWATCH_EVERY",
+        "1",
+        "integer >= 1",
+        "Collect every N-th optimizer step (steps 1, N+1, 2N+1, ...).",
+    ),
+    Setting(
+        "GRADWATCH_GROUPS",
+        "optimizer param groups",
+        "`name=prefix[|prefix...]` pairs separated by commas, e.g. `host=host.,seed=seed.`",
+        "Groups of `grad_group_*` by parameter-name prefix; params matching no prefix go to"
+        " group `other`.",
+    ),
+    Setting(
+        "GRADWATCH_PER_PARAM",
+        "0",
+        "1/true/yes/on, 0/false/no/off",
+        "Export the `grad_param_*` series, one per parameter tensor.",
+    ),
+    Setting(
+        "GRADWATCH_MAX_PARAMS",
+        "500",
+        "integer >= 1",
+        "Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
+    ),
+    Setting(
+        "GRADWATCH_VANISHING_THRESHOLD",
+        "1e-07",
+        "finite number >= 0",
+        "A tensor whose gradient L2 norm is below this counts in `grad_tensors_vanishing`.",
+    ),
+    Setting(
+        "GRADWATCH_EXPLODING_THRESHOLD",
+        "100",
+        "finite number > 0",
+        "A tensor whose gradient L2 norm is above this counts in `grad_tensors_exploding`.",
+    ),
+    Setting(
+        "GRADWATCH_BACKEND",
+        "auto",
+        "auto, native, torch, triton",
+        "Reduction backend: auto picks Triton on CUDA and the compiled C kernel on the CPU,"
+        " falling back to plain torch ops.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings for one process."""
+
+    enabled: bool | None = None  # None: GRADWATCH unset
+    port: int = DEFAULT_PORT
+    host: str = "127.0.0.1"
+    every: int = 1
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    per_param: bool = False
+    max_params: int = 500
+    vanishing_threshold: float = 1e-7
+    exploding_threshold: float = 1e2
+    backend: str = "auto"
+    local_rank: int = 0
+    rank: int = 0
+    world_size: int = 1
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def with_overrides(self, **kw: object) -> Config:
+        """Apply explicit `watch()` arguments (None means: keep the env/default value)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "groups" in kw:
+            kw["groups"] = normalize_groups(kw["groups"])  # type: ignore[arg-type]
+        cfg = replace(self, **kw)  # type: ignore[arg-type]
+        validate(cfg)
+        return cfg
+
+    @property
+    def serve_port(self) -> int:
+        """Port this process serves on: one endpoint per local rank."""
+        return 0 if self.port == 0 else self.port + self.local_rank
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingError(name, raw, ", ".join(TRUE_WORDS) + " or " + ", ".join(FALSE_WORDS))
+
+
+def parse_int(name: str, raw: str, lo: int, hi: int | None = None) -> int:
+    accepted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+    text = raw.strip()
+    if not text.isascii() or not text.lstrip("+-").isdigit() or len(text) > 12:
+        raise SettingError(name, raw, accepted)
+    value = int(text)
+    if value < lo or (hi is not None and value > hi):
+        raise SettingError(name, raw, accepted)
+    return value
+
+
+def parse_float(name: str, raw: str, lo: float, lo_inclusive: bool) -> float:
+    accepted = f"a finite number {'>=' if lo_inclusive else '>'} {lo:g}"
+    try:
+        if not raw.isascii():  # float() would accept other scripts' digits
+            raise ValueError(raw)
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingError(name, raw, accepted) from None
+    if not math.isfinite(value) or value < lo or (value == lo and not lo_inclusive):
+        raise SettingError(name, raw, accepted)
+    return value
+
+
+def parse_host(name: str, raw: str) -> str:
+    host = raw.strip()
+    ok = host and host.isascii() and all(c.isalnum() or c in ".-:_[]" for c in host)
+    if not ok or len(host) > 253:
+        raise SettingError(name, raw, "an IP address or host name such as 127.0.0.1 or 0.0.0.0")
+    return host.strip("[]")
+
+
+_GROUPS_ACCEPTED = "comma-separated name=prefix pairs, e.g. host=host.,seed=seed. (name: letters,"
+_GROUPS_ACCEPTED += " digits, _ or -; several prefixes joined by |)"
+
+
+def parse_groups(name: str, raw: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    groups: dict[str, tuple[str, ...]] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        label, sep, prefixes = item.partition("=")
+        label = label.strip()
+        valid_label = label and label.isascii() and all(c.isalnum() or c in "_-" for c in label)
+        parts = tuple(p.strip() for p in prefixes.split("|") if p.strip())
+        if not sep or not valid_label or not parts or label in groups or label == "other":
+            raise SettingError(name, raw, _GROUPS_ACCEPTED)
+        groups[label] = parts
+    if not groups:
+        raise SettingError(name, raw, _GROUPS_ACCEPTED)
+    return tuple(groups.items())
+
+
+def normalize_groups(groups: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Accept {"host": "host."} or {"host": ["host.", "stem."]} or the parsed tuple form."""
+    if isinstance(groups, str):
+        return parse_groups("groups", groups)
+    items = groups.items() if isinstance(groups, Mapping) else groups
+    out = []
+    for label, prefixes in items:  # type: ignore[union-attr]
+        if isinstance(prefixes, str):
+            prefixes = (prefixes,)
+        out.append((str(label), tuple(str(p) for p in prefixes)))
+    text = ",".join(f"{k}={'|'.join(v)}" for k, v in out)
+    return parse_groups("groups", text) if out else ()
+
+
+def validate(cfg: Config) -> None:
+    """Checks for values given as Python arguments (env values are checked while parsing)."""
+    if not (isinstance(cfg.every, int) and cfg.every >= 1):
+        raise SettingError("every", cfg.every, "an integer >= 1")
+    if not (isinstance(cfg.port, int) and 0 <= cfg.port <= 65535):
+        raise SettingError("port", cfg.port, "an integer from 0 to 65535")
+    if not (isinstance(cfg.max_params, int) and cfg.max_params >= 1):
+        raise SettingError("max_params", cfg.max_params, "an integer >= 1")
+    if cfg.backend not in BACKENDS:
+        raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
+    if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
+        raise SettingError("vanishing_threshold", cfg.vanishing_threshold, "a finite number >= 0")
+    if not (math.isfinite(cfg.exploding_threshold) and cfg.exploding_threshold > 0):
+        raise SettingError("exploding_threshold", cfg.exploding_threshold, "a finite number > 0")
+    parse_host("host", cfg.host)
+
+
+def _rank_var(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    return default if raw is None or raw == "" else parse_int(name, raw, 0)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Config:
+    """Read every GRADWATCH_* variable (and torchrun's rank variables). Raises SettingError."""
+    env = os.environ if env is None else env
+    kw: dict[str, object] = {}
+    if (raw := env.get("GRADWATCH")) is not None:
+        kw["enabled"] = parse_bool("GRADWATCH", raw)
+    if (raw := env.get("GRADWATCH_PORT")) is not None:
+        kw["port"] = parse_int("GRADWATCH_PORT", raw, 0, 65535)
+    if (raw := env.get("GRADWATCH_HOST")) is not None:
+        kw["host"] = parse_host("GRADWATCH_HOST", raw)
+    if (raw := env.get("GRADWATCH_EVERY")) is not None:
+        kw["every"] = parse_int("GRADWATCH_EVERY", raw, 1, 10**9)
+    if (raw := env.get("GRADWATCH_GROUPS")) is not None:
+        kw["groups"] = parse_groups("GRADWATCH_GROUPS", raw)
+    if (raw := env.get("GRADWATCH_PER_PARAM")) is not None:
+        kw["per_param"] = parse_bool("GRADWATCH_PER_PARAM", raw)
+    if (raw := env.get("GRADWATCH_MAX_PARAMS")) is not None:
+        kw["max_params"] = parse_int("GRADWATCH_MAX_PARAMS", raw, 1, 10**6)
+    if (raw := env.get("GRADWATCH_VANISHING_THRESHOLD")) is not None:
+        kw["vanishing_threshold"] = parse_float("GRADWATCH_VANISHING_THRESHOLD", raw, 0.0, True)
+    if (raw := env.get("GRADWATCH_EXPLODING_THRESHOLD")) is not None:
+        kw["exploding_threshold"] = parse_float("GRADWATCH_EXPLODING_THRESHOLD", raw, 0.0, False)
+    if (raw := env.get("GRADWATCH_BACKEND")) is not None:
+        if raw.strip().lower() not in BACKENDS:
+            raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))
+        kw["backend"] = raw.strip().lower()
+    kw["local_rank"] = _rank_var(env, "LOCAL_RANK", 0)
+    kw["rank"] = _rank_var(env, "RANK", 0)
+    world = _rank_var(env, "WORLD_SIZE", 1)
+    if world < 1:
+        raise SettingError("WORLD_SIZE", env.get("WORLD_SIZE"), "an integer >= 1")
+    kw["world_size"] = world
+    cfg = Config(**kw)  # type: ignore[arg-type]
+    if cfg.port and cfg.serve_port > 65535:
+        raise SettingError(
+            "GRADWATCH_PORT",
+            env.get("GRADWATCH_PORT"),
+            "a port that leaves room for PORT + LOCAL_RANK <= 65535",
+        )
+    return cfg
+
+
+def settings_markdown() -> str:
+    """README's settings table, generated from SETTINGS."""
+    rows = ["| variable | default | accepted values | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{s.name}` | `{s.default}` | {s.accepted} | {s.meaning} |" for s in SETTINGS]
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,185 @@
+"""Export: catalog statistics as OpenTelemetry instruments, served on /metrics for Prometheus.
+
+Every instrument is observable: its callback reads the latest published readout at scrape time.
+A value that is not finite yields no sample, so a NaN step shows as counts and absent norms,
+never as the previous step's norm (the OTel SDK would drop a NaN and keep the stale value of a
+synchronous gauge). The HTTP server answers ``/metrics`` only; everything else is 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from . import __version__, catalog
+from .catalog import Statistic, Thresholds
+from .config import Config
+
+log = logging.getLogger("gradwatch")
+
+RANK_LABELS = ("rank", "local_rank", "world_size")
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def metrics_only(app: Callable) -> Callable:
+    """WSGI wrapper: serve `/metrics` (and `/`-less health at `/healthz`), 404 for anything else."""
+
+    def wrapped(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return app(environ, start_response)
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: gradwatch serves /metrics\n"]
+
+    return wrapped
+
+
+class Exporter:
+    """The OTel meter provider, its Prometheus reader and the HTTP endpoint of one process."""
+
+    def __init__(self, session, config: Config) -> None:
+        self.session = session
+        self.config = config
+        self.thresholds = Thresholds(config.vanishing_threshold, config.exploding_threshold)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(
+            scope_info_enabled=False,
+            resource_attribute_filter=lambda key: key in RANK_LABELS,
+            registry=self.registry,
+        )
+        resource = Resource.create(
+            {
+                "service.name": "gradwatch",
+                "rank": str(config.rank),
+                "local_rank": str(config.local_rank),
+                "world_size": str(config.world_size),
+            }
+        )
+        self.provider = MeterProvider(
+            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False
+        )  # our close() shuts it down
+        meter = self.provider.get_meter("gradwatch", __version__)
+        for stat in catalog.CATALOG:
+            if stat.scope == catalog.PARAM and not config.per_param:
+                continue
+            kind = ObservableCounter if stat.instrument == "counter" else ObservableGauge
+            factory = (
+                meter.create_observable_counter
+                if kind is ObservableCounter
+                else meter.create_observable_gauge
+            )
+            factory(
+                stat.otel_name,
+                callbacks=[self._callback(stat)],
+                unit=stat.unit,
+                description=stat.description(self.thresholds),
+            )
+        self.server: _Server | None = None
+        self.thread: threading.Thread | None = None
+
+    # ---- values ----
+    def _callback(self, stat: Statistic) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            try:
+                return [Observation(v, attrs) for attrs, v in self.values(stat)]
+            except Exception as exc:  # noqa: BLE001 - a scrape must never break training
+                self.session.errors.record("export", exc)
+                return []
+
+        return callback
+
+    def values(self, stat: Statistic) -> list[tuple[dict[str, str], float]]:
+        """The (labels, value) samples of one statistic right now."""
+        session = self.session
+        name = stat.prom_name
+        if stat.scope == catalog.SELF:
+            if name == "gradwatch_errors_total":
+                return [({"stage": k}, float(v)) for k, v in sorted(session.errors.counts.items())]
+            if name == "gradwatch_info":
+                backends = ",".join(sorted(session.backend_names())) or "none"
+                return [({"version": __version__, "backend": backends}, 1.0)]
+        out = []
+        for watch in session.watches():
+            watch.poll()  # publish results the device has finished, without blocking
+            labels = {"optimizer": watch.index}
+            if name == "gradwatch_collect_seconds":
+                v = watch.collect_seconds
+            elif name == "gradwatch_dropped_steps_total":
+                v = watch.dropped_steps
+            elif name == "grad_steps_total":
+                v = watch.collected_steps
+            elif name == "grad_nonfinite_steps_total":
+                v = watch.nonfinite_steps
+            elif name == "amp_skipped_steps_total":
+                v = watch.amp_skipped_steps
+            else:
+                readout = watch.latest
+                if readout is None:
+                    continue
+                if name == "grad_stats_step":
+                    v = readout.step
+                else:
+                    out += [
+                        ({**labels, **a}, x)
+                        for a, x in readout.observations(
+                            stat, self.thresholds, self.config.max_params
+                        )
+                    ]
+                    continue
+            if v is not None and math.isfinite(v):
+                out.append((labels, float(v)))
+        return out
+
+    # ---- endpoint ----
+    def start_server(self) -> None:
+        host, port = self.config.host, self.config.serve_port
+        if host in ("0.0.0.0", "::", ""):
+            log.warning(
+                "gradwatch: /metrics listens on all interfaces (%s:%d); anyone who can"
+                " reach this host can read it",
+                host,
+                port,
+            )
+        app = metrics_only(make_wsgi_app(self.registry))
+        self.server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="gradwatch-http", daemon=True
+        )
+        self.thread.start()
+        log.info("gradwatch: serving http://%s:%d/metrics", host, self.port)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else 0
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        try:
+            self.provider.shutdown()
+        except Exception:  # noqa: BLE001
+            pass

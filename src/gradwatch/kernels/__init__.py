@@ -1,0 +1,27 @@
+"""Per-tensor reduction kernels: one read of each gradient element, six partials per tensor.
+
+Contract shared by every backend (CPU native, Triton, plain torch):
+
+``partials(tensors) -> Tensor[T, 6] float64`` on the tensors' device, one row per tensor, columns
+
+=========  ==============================================================
+SUMSQ  0   sum of x*x over the tensor, accumulated in float64 (NaN if any
+           element is NaN, +inf if any is +-inf)
+SUMABS 1   sum of abs(x), accumulated in float64 (same NaN/inf rules)
+MAXABS 2   max of abs(x) over the non-NaN elements (+inf if any is +-inf);
+           0 for an empty tensor or one holding only NaN
+NAN    3   number of NaN elements (exact)
+INF    4   number of +-inf elements (exact)
+ZERO   5   number of elements exactly equal to 0 (+0 and -0)
+=========  ==============================================================
+
+Tensors of one call share a device but may mix dtypes (float16, bfloat16, float32, float64);
+they may be empty, hold one element, or be non-contiguous. Element counts are known on the host
+(``numel()``) and are not part of the result. No backend copies all gradients into one buffer:
+extra memory is O(T), never O(elements).
+"""
+
+from __future__ import annotations
+
+SUMSQ, SUMABS, MAXABS, NAN, INF, ZERO = range(6)
+N_PARTIALS = 6

@@ -1,0 +1,302 @@
+"""The process-wide gradwatch session: hooks, watches, exporter and lifecycle.
+
+One session per process. It hooks either the given optimizers or, in no-code mode, every
+optimizer through PyTorch's global optimizer step pre-hook. The exporter and its HTTP endpoint
+start lazily at the first optimizer step, so launchers and DataLoader workers never bind a port,
+and never in a forked child of the process that started them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .collector import ErrorLog, OptimizerWatch
+from .config import Config, SettingError, from_env
+
+log = logging.getLogger("gradwatch")
+
+_LEADING_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+_INNER_WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Drop what torch.compile, DDP, FSDP1 and checkpoint wrappers add to parameter names."""
+    for inner in _INNER_WRAPPERS:
+        name = name.replace("." + inner, ".")
+    while name.startswith(_LEADING_WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def names_from_models(models: Iterable[torch.nn.Module]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for model in models:
+        for name, p in model.named_parameters(remove_duplicate=True):
+            names.setdefault(id(p), clean_name(name))
+    return names
+
+
+def find_root_modules() -> list[torch.nn.Module]:
+    """No-code mode: the live nn.Modules that are no other module's child (scanned once)."""
+    module_type = torch.nn.Module  # type(), not isinstance: some objects warn on __class__
+    modules = [o for o in gc.get_objects() if issubclass(type(o), module_type)]
+    children = {id(c) for m in modules for c in m.children()}
+    return [m for m in modules if id(m) not in children]
+
+
+class Session:
+    """Everything gradwatch runs in one process. Create through :func:`gradwatch.watch`."""
+
+    def __init__(
+        self,
+        config: Config,
+        models: Sequence[torch.nn.Module] = (),
+        optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    ) -> None:
+        self.config = config
+        self.errors = ErrorLog()
+        self.models: list[torch.nn.Module] = list(models)
+        self._watches: dict[int, OptimizerWatch] = {}
+        self._explicit: set[int] | None = None
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._hooks: list = []
+        self.exporter = None
+        self._exporter_failed = False
+        self.closed = False
+        # Eager even under torch.compile(opt.step): the hook adds no graph breaks.
+        self._hook = torch.compiler.disable(self._pre_step_hook)
+        if optimizers is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            self._hooks.append(register_optimizer_step_pre_hook(self._hook))
+        else:
+            self._explicit = set()
+            for opt in optimizers:
+                self.add_optimizer(opt)
+        self._patch_grad_scaler()
+        atexit.register(self.close)
+
+    # ---- watches ----
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        with self._lock:
+            if self._explicit is None or id(optimizer) in self._explicit:
+                return
+            self._explicit.add(id(optimizer))
+            self._hooks.append(optimizer.register_step_pre_hook(self._hook))
+
+    def watches(self) -> list[OptimizerWatch]:
+        with self._lock:
+            return list(self._watches.values())
+
+    def backend_names(self) -> set[str]:
+        return {n for w in self.watches() for n in w.backend_names}
+
+    def _names(self) -> dict[int, str]:
+        try:
+            return names_from_models(self.models or find_root_modules())
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("names", exc)
+            return {}
+
+    def watch_for(self, optimizer: torch.optim.Optimizer) -> OptimizerWatch | None:
+        if self.closed or os.getpid() != self._pid:
+            return None  # a forked child (e.g. a DataLoader worker) never exports
+        with self._lock:
+            watch = self._watches.get(id(optimizer))
+            if watch is None:
+                if self._explicit is not None and id(optimizer) not in self._explicit:
+                    return None
+                watch = OptimizerWatch(
+                    optimizer, len(self._watches), self.config, self.errors, self._names
+                )
+                self._watches[id(optimizer)] = watch
+            return watch
+
+    # ---- hooks ----
+    def _pre_step_hook(self, optimizer, args, kwargs) -> None:
+        try:
+            watch = self.watch_for(optimizer)
+            if watch is None:
+                return
+            self._ensure_exporter()
+        except Exception as exc:  # noqa: BLE001 - never raise into training
+            self.errors.record("collect", exc)
+            return
+        watch.on_step()
+
+    def _ensure_exporter(self) -> None:
+        if self.exporter is not None or self._exporter_failed:
+            return
+        with self._lock:
+            if self.exporter is not None or self._exporter_failed:
+                return
+            from .export import Exporter
+
+            try:
+                exporter = Exporter(self, self.config)
+            except Exception as exc:  # noqa: BLE001
+                self._exporter_failed = True
+                self.errors.record("export", exc)
+                return
+            try:
+                exporter.start_server()
+            except OSError as exc:
+                self.errors.record("server", exc, logged=True)
+                log.error(
+                    "gradwatch: cannot serve /metrics on %s:%d: %s (statistics are still"
+                    " collected; training goes on)",
+                    self.config.host,
+                    self.config.serve_port,
+                    exc,
+                )
+            self.exporter = exporter
+
+    # ---- GradScaler: count the steps it skips ----
+    def _patch_grad_scaler(self) -> None:
+        scaler_cls = torch.amp.GradScaler
+        original = scaler_cls.step
+        if getattr(original, "_gradwatch_session", None) is not None:
+            return  # another session patched it; it restores on close
+        session = self
+
+        def step(scaler, optimizer, *args, **kwargs):
+            watch = session.watch_for(optimizer) if scaler.is_enabled() else None
+            before = watch.steps if watch is not None else None
+            result = original(scaler, optimizer, *args, **kwargs)
+            if watch is not None and watch.steps == before:
+                watch.note_amp_skipped()
+            return result
+
+        step._gradwatch_session = self  # type: ignore[attr-defined]
+        step.__wrapped__ = original  # type: ignore[attr-defined]
+        scaler_cls.step = step
+        self._scaler_original = original
+
+    def _unpatch_grad_scaler(self) -> None:
+        scaler_cls = torch.amp.GradScaler
+        if getattr(scaler_cls.step, "_gradwatch_session", None) is self:
+            scaler_cls.step = self._scaler_original
+
+    # ---- lifecycle ----
+    @property
+    def port(self) -> int:
+        return self.exporter.port if self.exporter is not None else 0
+
+    def close(self) -> None:
+        """Remove hooks, publish what is in flight, stop the endpoint and free its port."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._unpatch_grad_scaler()
+        if os.getpid() == self._pid:
+            for w in self.watches():
+                try:
+                    w.flush()
+                except Exception as exc:  # noqa: BLE001
+                    self.errors.record("readout", exc)
+            if self.exporter is not None:
+                self.exporter.close()
+        atexit.unregister(self.close)
+        global _SESSION
+        if _SESSION is self:
+            _SESSION = None
+
+
+_SESSION: Session | None = None
+
+
+class Handle:
+    """What :func:`gradwatch.watch` returns: the live session, or a no-op when disabled."""
+
+    def __init__(self, session: Session | None) -> None:
+        self.session = session
+
+    @property
+    def enabled(self) -> bool:
+        return self.session is not None and not self.session.closed
+
+    @property
+    def port(self) -> int:
+        """Port of /metrics once the first optimizer step has started the endpoint, else 0."""
+        return self.session.port if self.session is not None else 0
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _report_setting_error(exc: SettingError) -> None:
+    print(f"{exc}; gradwatch telemetry is off, training goes on", file=sys.stderr)
+
+
+def watch(model=None, optimizer=None, **settings) -> Handle:
+    with _module_lock:
+        return _watch(model, optimizer, **settings)
+
+
+_module_lock = threading.Lock()
+
+
+def _as_list(obj) -> list:
+    if obj is None:
+        return []
+    return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+
+
+def _watch(model, optimizer, **settings) -> Handle:
+    global _SESSION
+    try:
+        env_config = from_env()
+        config = env_config.with_overrides(**settings)
+    except SettingError as exc:
+        _report_setting_error(exc)
+        return Handle(None)
+    except TypeError as exc:
+        raise TypeError(f"gradwatch.watch(): {exc}") from None
+    if config.enabled is False:
+        log.info("gradwatch: GRADWATCH=0, telemetry is off")
+        return Handle(None)
+    models, optimizers = _as_list(model), _as_list(optimizer)
+    if _SESSION is not None and not _SESSION.closed:
+        if settings and _SESSION.config != config:
+            log.warning("gradwatch: already watching with other settings; keeping the first")
+        _SESSION.models.extend(m for m in models if m not in _SESSION.models)
+        for opt in optimizers:
+            _SESSION.add_optimizer(opt)
+        return Handle(_SESSION)
+    _SESSION = Session(config, models, optimizers or None)
+    return Handle(_SESSION)
+
+
+def start_from_env() -> Session | None:
+    """No-code mode (GRADWATCH=1): watch every optimizer of this process."""
+    global _SESSION
+    with _module_lock:
+        try:
+            config = from_env()
+        except SettingError as exc:
+            _report_setting_error(exc)
+            return None
+        if not config.enabled or (_SESSION is not None and not _SESSION.closed):
+            return _SESSION
+        _SESSION = Session(config)
+        return _SESSION

@@ -1,0 +1,75 @@
+"""Independent float64 reference for the kernel partials and the statistics (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_float64_numpy(t: torch.Tensor) -> np.ndarray:
+    """Exact float64 copy of any floating tensor's values (bf16/fp16/fp32 all widen exactly)."""
+    return t.detach().to("cpu", torch.float64).contiguous().numpy().reshape(-1)
+
+
+def reference_partials(tensors) -> np.ndarray:
+    """Rows [sumsq, sumabs, maxabs, nan, inf, zero] per tensor, see gradwatch.kernels."""
+    rows = []
+    for t in tensors:
+        x = to_float64_numpy(t)
+        nan = int(np.isnan(x).sum())
+        inf = int(np.isinf(x).sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            sumsq = float(np.sum(x * x)) if x.size else 0.0
+            sumabs = float(np.sum(np.abs(x))) if x.size else 0.0
+        not_nan = x[~np.isnan(x)]
+        maxabs = float(np.max(np.abs(not_nan))) if not_nan.size else 0.0
+        zero = int((x == 0).sum())
+        rows.append([sumsq, sumabs, maxabs, nan, inf, zero])
+    return np.array(rows, dtype=np.float64).reshape(len(rows), 6)
+
+
+def assert_partials_close(got: torch.Tensor, tensors, rtol: float = 1e-10) -> None:
+    """Compare a [T, 6] result with the reference: sums to rtol, max and counts exactly."""
+    want = reference_partials(tensors)
+    got_np = got.detach().to("cpu", torch.float64).numpy()
+    assert got_np.shape == want.shape, (got_np.shape, want.shape)
+    for col, name in enumerate(["sumsq", "sumabs"]):
+        np.testing.assert_allclose(got_np[:, col], want[:, col], rtol=rtol, atol=0, err_msg=name)
+    np.testing.assert_array_equal(got_np[:, 2:], want[:, 2:])
+
+
+def reference_stats(grads, vanishing: float = 1e-7, exploding: float = 1e2) -> dict:
+    """Global statistics in float64 straight from their definitions (not from gradwatch's code).
+
+    ``grads``: list of tensors (or float64 arrays) as the optimizer applies them (unscaled).
+    Magnitudes are None when any element is NaN/Inf (gradwatch then exports no sample).
+    """
+    xs = [g if isinstance(g, np.ndarray) else to_float64_numpy(g) for g in grads]
+    flat = np.concatenate(xs) if xs else np.zeros(0)
+    n, t = flat.size, len(xs)
+    nan, inf = int(np.isnan(flat).sum()), int(np.isinf(flat).sum())
+    out = {
+        "grad_elements": n,
+        "grad_tensors": t,
+        "grad_nonfinite_elements": {"nan": nan, "inf": inf},
+        "grad_zero_ratio": float((flat == 0).sum()) / n if n else None,
+    }
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.array([np.sqrt(np.sum(x * x)) for x in xs])
+    out["grad_tensors_vanishing"] = int((norms < vanishing).sum())
+    out["grad_tensors_exploding"] = int((norms > exploding).sum())
+    finite = nan == 0 and inf == 0 and t > 0
+    total = float(np.sqrt(np.sum(flat * flat))) if finite else None
+    out.update(
+        {
+            "grad_l2_norm": total,
+            "grad_rms": float(np.sqrt(np.mean(flat * flat))) if finite and n else None,
+            "grad_abs_mean": float(np.mean(np.abs(flat))) if finite and n else None,
+            "grad_abs_max": float(np.max(np.abs(flat))) if finite and n else None,
+            "grad_l2_norm_divided_by_tensors": total / t if finite else None,
+            "grad_tensor_l2_norm_min": float(norms.min()) if finite else None,
+            "grad_tensor_l2_norm_max": float(norms.max()) if finite else None,
+            "grad_tensor_l2_norm_mean": float(norms.mean()) if finite else None,
+        }
+    )
+    return out

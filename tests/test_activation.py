@@ -1,0 +1,203 @@
+"""No-code mode in real subprocesses: GRADWATCH=1 python train.py, torchrun, bad settings, off."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from util import fetch, free_port, parse, require_tool, value
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "train_plain.py")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADWATCH", "OTEL_"))}
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def test_startup_hook_is_installed():
+    dirs = site.getsitepackages() + [site.getusersitepackages()]
+    found = [d for d in dirs if (Path(d) / "gradwatch_autostart.pth").exists()]
+    assert found, "gradwatch_autostart.pth missing: install the package (pip install -e .)"
+
+
+def _run_until_ready(env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError("script died: " + proc.stderr.read())
+    return proc, json.loads(line)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate("", timeout=60)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_env_var_mode_exports_with_real_names_and_promtool_clean(tmp_path):
+    port = free_port()
+    proc, ref = _run_until_ready(
+        _env(GRADWATCH="1", GRADWATCH_PORT=str(port), WAIT="1", GRADWATCH_PER_PARAM="1", STEPS="5")
+    )
+    try:
+        text = fetch(port)
+    finally:
+        err = _finish(proc)
+    samples = parse(text)
+    assert value(samples, "grad_l2_norm") == pytest.approx(ref["grad_l2_norm"], rel=1e-12)
+    assert value(samples, "grad_stats_step") == 5
+    params = {dict(k)["param"] for k in samples["grad_param_l2_norm"]}
+    assert params == {"encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias"}
+    assert "Traceback" not in err
+    promtool = require_tool("promtool")
+    path = tmp_path / "metrics.txt"
+    path.write_text(text)
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        stdin=path.open(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+        check.stdout + check.stderr
+    )
+
+
+def test_unset_variable_imports_nothing():
+    out = subprocess.run(
+        [sys.executable, SCRIPT], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["gradwatch_loaded"] is False
+
+
+@pytest.mark.parametrize("off", ["0", "off"])
+def test_gradwatch_0_turns_every_form_off(off):
+    port = free_port()
+    code = (
+        "import gradwatch, torch; m = torch.nn.Linear(2, 2);"
+        "o = torch.optim.SGD(m.parameters(), lr=0.1);"
+        f"h = gradwatch.watch(m, o, port={port}); m(torch.ones(1, 2)).sum().backward();"
+        "o.step(); print(h.enabled, h.port)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(GRADWATCH=off),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "0"]
+
+
+@pytest.mark.parametrize(
+    "var,raw",
+    [
+        ("GRADWATCH_EVERY", "abc"),
+        ("GRADWATCH_PORT", "-1"),
+        ("GRADWATCH", "maybe"),
+        ("GRADWATCH_HOST", "é"),
+    ],
+)
+def test_bad_setting_one_line_and_training_goes_on(var, raw):
+    env = _env(GRADWATCH="1", GRADWATCH_PORT=str(free_port()))
+    env[var] = raw
+    out = subprocess.run(
+        [sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    assert var in lines[0] and repr(raw) in lines[0] and "accepted" in lines[0]
+    assert json.loads(out.stdout)["steps"] == 4
+
+
+def test_port_taken_logs_and_training_goes_on():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, SCRIPT],
+            capture_output=True,
+            text=True,
+            env=_env(GRADWATCH="1", GRADWATCH_PORT=str(port)),
+            timeout=120,
+        )
+    assert out.returncode == 0, out.stderr
+    assert "cannot serve /metrics" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_torchrun_one_endpoint_per_rank():
+    base = free_port()
+    while True:  # two consecutive free ports
+        try:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = free_port()
+    env = _env(GRADWATCH="1", GRADWATCH_PORT=str(base), WAIT="1", STEPS="3")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        SCRIPT,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        refs = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        got = {}
+        deadline = time.monotonic() + 30
+        for local_rank in (0, 1):
+            while True:
+                try:
+                    got[local_rank] = parse(fetch(base + local_rank))
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()
+    norms = {r["local_rank"]: r["grad_l2_norm"] for r in refs}
+    for local_rank, samples in got.items():
+        labels = dict(next(iter(samples["grad_l2_norm"])))
+        assert labels["local_rank"] == str(local_rank) and labels["world_size"] == "2"
+        assert labels["rank"] == str(local_rank)
+        assert value(samples, "grad_l2_norm") == pytest.approx(norms[local_rank], rel=1e-12)

@@ -1,0 +1,80 @@
+"""The catalog is the single source of truth: names, units, README and exposition agree with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+import gradwatch
+from gradwatch import catalog
+from gradwatch.docs import render
+from util import fetch, help_texts, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = """grad_l2_norm grad_rms grad_abs_mean grad_abs_max grad_l2_norm_divided_by_tensors
+grad_tensor_l2_norm_min grad_tensor_l2_norm_max grad_tensor_l2_norm_mean grad_zero_ratio
+grad_nonfinite_elements grad_tensors_vanishing grad_tensors_exploding grad_elements grad_tensors
+grad_stats_step grad_steps_total grad_nonfinite_steps_total grad_group_l2_norm grad_group_rms
+grad_group_abs_max grad_group_nonfinite_elements grad_param_l2_norm grad_param_abs_max
+grad_param_zero_ratio grad_param_nonfinite_elements gradwatch_collect_seconds
+gradwatch_errors_total gradwatch_info""".split()
+
+
+def test_required_names_present_and_unique():
+    names = [s.prom_name for s in catalog.CATALOG]
+    assert len(names) == len(set(names))
+    assert set(REQUIRED) <= set(names)
+    assert len({s.otel_name for s in catalog.CATALOG}) == len(names)
+
+
+def test_units_follow_the_rules():
+    for s in catalog.CATALOG:
+        assert s.unit, s.prom_name
+        # unit "1" gets "_ratio" appended by the OTLP translation: only on names ending in _ratio
+        assert (s.unit == "1") == s.prom_name.endswith("_ratio"), s.prom_name
+        assert s.unit in ("1", "s") or re.fullmatch(r"\{[a-z]+\}", s.unit), s.unit
+        assert s.prom_name.endswith("_total") == (s.instrument == "counter"), s.prom_name
+        assert not s.prom_name.endswith(("_count", "_sum", "_bucket")), s.prom_name
+        assert s.formula.strip() and "\n" not in s.formula
+        assert (s.compute is not None) == (
+            s.scope in (catalog.GLOBAL, catalog.GROUP, catalog.PARAM)
+            and s.instrument == "gauge"
+            and s.prom_name != "grad_stats_step"
+        )
+
+
+def test_readme_tables_are_generated():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert render(text) == text, "README.md is stale: run `gradwatch readme README.md`"
+    for s in catalog.CATALOG:
+        assert f"`{s.prom_name}`" in text
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"&& (python3 -m pytest[^\n]*)", readme).group(1).strip()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert ci[-1].strip() == command
+    assert "gradwatch demo" in readme.split("```")[1]
+
+
+def test_exposition_names_help_and_units_come_from_the_catalog():
+    """The exporter derives each Prometheus name from otel_name + unit: it must equal prom_name."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, port=0, per_param=True, backend="torch") as h:
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        h.session.errors.record("probe", RuntimeError("test"))  # makes errors_total appear
+        text = fetch(h.port)
+    helps = help_texts(text)
+    samples = parse(text)
+    for s in catalog.CATALOG:
+        family = s.prom_name.removesuffix("_total") if s.instrument == "counter" else s.prom_name
+        assert family in helps, f"{s.prom_name} missing from the exposition"
+        assert helps[family] == s.description(), s.prom_name
+        assert s.prom_name in samples, s.prom_name
+    # no scope labels (they bloat every series); ranks always there
+    assert "otel_scope_name" not in text

@@ -1,0 +1,55 @@
+"""Helpers shared by the tests: free ports, scraping and parsing /metrics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program; missing: skip locally, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (apt-get install -y prometheus)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(port: int, path: str = "/metrics", timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def parse(text: str) -> dict[str, dict[frozenset, float]]:
+    """{sample name: {frozenset(label items): value}}."""
+    out: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def help_texts(text: str) -> dict[str, str]:
+    return {f.name: f.documentation for f in text_string_to_metric_families(text)}
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    """The one sample of `name` whose labels include `labels`; None if absent."""
+    hits = [v for k, v in samples.get(name, {}).items() if set(labels.items()) <= set(k)]
+    assert len(hits) <= 1, (name, labels, hits)
+    return hits[0] if hits else None
