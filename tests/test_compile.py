@@ -53,7 +53,7 @@ def test_compiled_model_and_optimizer_step(device):
             torch.cuda.synchronize()
             h.session.watches()[0].flush()
         samples = parse(fetch(h.port))
-        assert h.session.errors.counts == {}
+        assert h.session.errors.nonzero() == {}
     assert breaks_with <= breaks_without
     assert stats_with.get("unique_graphs") == stats_without.get("unique_graphs")
     assert stats_with.get("calls_captured") == stats_without.get("calls_captured")

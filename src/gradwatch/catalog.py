@@ -145,8 +145,9 @@ CATALOG: tuple[Statistic, ...] = (
         "grad.l2_norm",
         "grad_l2_norm",
         GLOBAL,
-        f"Total L2 norm of the gradients: {_L2}; the value torch.nn.utils.clip_grad_norm_ returns"
-        " (measured after any clipping the loop did).",
+        f"Total L2 norm of the gradients: {_L2}; the total norm torch.nn.utils.clip_grad_norm_"
+        " computes, taken at the optimizer step, i.e. after any clipping the loop did"
+        " (then min(pre-clip norm, max_norm)).",
         lambda a: math.sqrt(a.sumsq.sum()),
     ),
     _magnitude(
@@ -431,7 +432,7 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="gradwatch_errors_total",
         instrument="counter",
         unit="{error}",
-        formula="Failures inside gradwatch, by stage (collect, readout, export, server, config);"
+        formula="Failures inside gradwatch, by stage (collect, readout, export, server, names);"
         " each was logged and never raised into training.",
         scope=SELF,
         across_tensors="-",

@@ -103,6 +103,18 @@ class Readout:
         return out
 
 
+@dataclass(frozen=True)
+class WatchSnapshot:
+    """One consistent view of a watch, pinned for the duration of one scrape."""
+
+    readout: Readout | None
+    collected_steps: int
+    nonfinite_steps: int
+    amp_skipped_steps: int
+    dropped_steps: int
+    collect_seconds: float
+
+
 @dataclass
 class _InFlight:
     step: int
@@ -115,9 +127,15 @@ class _InFlight:
 class ErrorLog:
     """Counts failures by stage and logs each stage's first one, then every 1000th."""
 
+    # Exported at 0 from the start, so rate()/increase() see the first failure too.
+    STAGES = ("collect", "readout", "export", "server", "names")
+
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = dict.fromkeys(self.STAGES, 0)
         self._lock = threading.Lock()
+
+    def nonzero(self) -> dict[str, int]:
+        return {k: v for k, v in self.counts.items() if v}
 
     def record(self, stage: str, exc: BaseException, logged: bool = False) -> None:
         """Count a failure; ``logged``: the caller already wrote a clear line for it."""
@@ -325,6 +343,19 @@ class OptimizerWatch:
                 )
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("readout", exc)
+
+    def snapshot(self) -> WatchSnapshot:
+        """Publish finished device work, then one consistent view of readout and counters."""
+        self.poll()
+        with self._lock:
+            return WatchSnapshot(
+                self.latest,
+                self.collected_steps,
+                self.nonfinite_steps,
+                self.amp_skipped_steps,
+                self.dropped_steps,
+                self.collect_seconds,
+            )
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (off the training path: at close) for in-flight results and publish them."""

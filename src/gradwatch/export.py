@@ -56,6 +56,21 @@ def metrics_only(app: Callable) -> Callable:
     return wrapped
 
 
+class _PinningRegistry(CollectorRegistry):
+    """Pins one snapshot of every watch before each collection, so that all the samples of a
+    scrape belong to the same step (instrument callbacks run one after another)."""
+
+    def __init__(self, pin: Callable[[], None]) -> None:
+        super().__init__(auto_describe=True)
+        self._pin = pin
+        self._collect_lock = threading.Lock()
+
+    def collect(self):
+        with self._collect_lock:
+            self._pin()
+            yield from super().collect()
+
+
 class Exporter:
     """The OTel meter provider, its Prometheus reader and the HTTP endpoint of one process."""
 
@@ -63,7 +78,8 @@ class Exporter:
         self.session = session
         self.config = config
         self.thresholds = Thresholds(config.vanishing_threshold, config.exploding_threshold)
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._pinned: list = []
+        self.registry = _PinningRegistry(self.pin)
         self.reader = PrometheusMetricReader(
             scope_info_enabled=False,
             resource_attribute_filter=lambda key: key in RANK_LABELS,
@@ -100,6 +116,14 @@ class Exporter:
         self.thread: threading.Thread | None = None
 
     # ---- values ----
+    def pin(self) -> None:
+        """Take the consistent per-watch snapshots the next callbacks read."""
+        try:
+            self._pinned = [(w.index, w.snapshot()) for w in self.session.watches()]
+        except Exception as exc:  # noqa: BLE001
+            self.session.errors.record("export", exc)
+            self._pinned = []
+
     def _callback(self, stat: Statistic) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
             try:
@@ -121,21 +145,20 @@ class Exporter:
                 backends = ",".join(sorted(session.backend_names())) or "none"
                 return [({"version": __version__, "backend": backends}, 1.0)]
         out = []
-        for watch in session.watches():
-            watch.poll()  # publish results the device has finished, without blocking
-            labels = {"optimizer": watch.index}
+        for index, snap in self._pinned:
+            labels = {"optimizer": index}
             if name == "gradwatch_collect_seconds":
-                v = watch.collect_seconds
+                v = snap.collect_seconds
             elif name == "gradwatch_dropped_steps_total":
-                v = watch.dropped_steps
+                v = snap.dropped_steps
             elif name == "grad_steps_total":
-                v = watch.collected_steps
+                v = snap.collected_steps
             elif name == "grad_nonfinite_steps_total":
-                v = watch.nonfinite_steps
+                v = snap.nonfinite_steps
             elif name == "amp_skipped_steps_total":
-                v = watch.amp_skipped_steps
+                v = snap.amp_skipped_steps
             else:
-                readout = watch.latest
+                readout = snap.readout
                 if readout is None:
                     continue
                 if name == "grad_stats_step":
