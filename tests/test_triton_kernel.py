@@ -1,0 +1,393 @@
+"""Tests for the Triton multi-tensor partials kernel (gradwatch.kernels.triton_reduce).
+
+CPU tests run the kernel under the Triton interpreter. Two things decide whether that works:
+
+* ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates. The kernel module decorates its
+  kernel lazily, per call, so it follows the variable whenever it was imported.
+* triton's own jit-implemented library functions (``tl.sum``, ``tl.max``, ``tl.zeros``) are
+  decorated when ``triton`` is first imported. If that happened without ``TRITON_INTERPRET=1``
+  (another test module imported triton first), interpreted kernels fail ("Cannot call
+  @triton.jit'd outside of the scope of a kernel"), and the reverse freezes them interpreted for
+  every compiled kernel in the process.
+
+So the variable is set here before triton is imported. If triton was already imported without
+it, or a GPU is visible (importing triton in interpreter mode would break compiled Triton in other
+test modules of the same pytest run), the in-process tests skip and
+``test_interpreter_suite_in_subprocess`` runs this file in a fresh interpreter with
+``TRITON_INTERPRET=1`` and no visible GPU. After the imports the variable is restored, so it does
+not leak into other test modules; an autouse fixture sets it for each test here. The CUDA test
+runs a subprocess without it: interpreted kernels must never see CUDA pointers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+_TRITON_PREIMPORTED = "triton" in sys.modules
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see the module docstring)
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402  (does not import triton)
+
+
+def _restore_interpret_env() -> None:
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+if torch.cuda.is_available() and not _TRITON_PREIMPORTED:
+    _restore_interpret_env()  # keep triton compiled for the GPU tests of this process
+
+if os.environ.get("CI") == "true":
+    import triton  # CI must fail, not skip, when triton is missing
+else:
+    triton = pytest.importorskip("triton")
+
+from gradwatch.kernels import (  # noqa: E402
+    INF,
+    MAXABS,
+    NAN,
+    SUMABS,
+    SUMSQ,
+    ZERO,
+    triton_reduce,
+)
+from gradwatch.kernels.triton_reduce import (  # noqa: E402
+    launch_config,
+    triton_available,
+    triton_partials,
+)
+from reference import assert_partials_close, reference_partials  # noqa: E402
+
+# triton's library functions were decorated for the interpreter iff this is an InterpretedFunction.
+IN_PROCESS = type(triton.language.sum).__name__ == "InterpretedFunction"
+_restore_interpret_env()
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK, SUB, _ = launch_config(torch.device("cpu"))
+CHUNK = BLOCK * SUB
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_NOT_INTERPRETED = {"test_interpreter_suite_in_subprocess", "test_cuda_mixed_noncontiguous_no_sync"}
+
+
+@pytest.fixture(autouse=True)
+def _interpret(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.originalname in _NOT_INTERPRETED:
+        return
+    if not IN_PROCESS:
+        pytest.skip("triton was not imported in interpreter mode here: see the subprocess test")
+    # The kernel module reads the variable per call; set it only while our tests run.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_interpreter_suite_in_subprocess() -> None:
+    if IN_PROCESS:
+        pytest.skip("the interpreter tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-m",
+        "not cuda",
+        "-p",
+        "no:cacheprovider",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 25, proc.stdout[-5000:]
+
+
+class _CountLaunches:
+    """Wraps the interpreted kernel to count launches (one per dtype group expected)."""
+
+    def __init__(self, kern) -> None:
+        self.kern = kern
+        self.launches: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(tuple(grid))
+            return self.kern[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> _CountLaunches:
+    counter = _CountLaunches(triton_reduce._kernel(True))
+    monkeypatch.setitem(triton_reduce._KERNELS, True, counter)
+    return counter
+
+
+def test_available() -> None:
+    assert triton_available()
+
+
+def test_no_tensors() -> None:
+    out = triton_partials([])
+    assert out.shape == (0, 6) and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtype_random(dtype: torch.dtype, launches: _CountLaunches) -> None:
+    g = torch.Generator().manual_seed(1)
+    ts = [
+        torch.randn(CHUNK + 77, generator=g).to(dtype),
+        torch.randn(13, 7, generator=g).to(dtype),
+        torch.rand(5, generator=g).to(dtype) * 1e3,
+    ]
+    out = triton_partials(ts)
+    assert out.dtype == torch.float64 and out.shape == (3, 6)
+    assert_partials_close(out, ts)
+    assert len(launches.launches) == 1
+
+
+def test_mixed_dtypes_one_launch_per_group(launches: _CountLaunches) -> None:
+    g = torch.Generator().manual_seed(2)
+    ts = [
+        torch.randn(300, generator=g),
+        torch.randn(200, generator=g).bfloat16(),
+        torch.randn(9, 9, generator=g).half(),
+        torch.randn(CHUNK + 5, generator=g, dtype=torch.float64),
+        torch.randn(40, generator=g),
+        torch.randn(3, generator=g).bfloat16(),
+        torch.empty(0, dtype=torch.float16),
+    ]
+    out = triton_partials(ts)
+    assert_partials_close(out, ts)
+    assert len(launches.launches) == 4
+    # Grid = chunks of the group (fresh CPU tensors are 64-byte aligned, so no head shift):
+    # fp16 1, bf16 1 + 1, fp64 2, fp32 2 + 1.
+    assert sorted(grid[0] for grid in launches.launches) == [1, 2, 2, 3]
+
+
+def test_empty_and_single_element(launches: _CountLaunches) -> None:
+    ts = [
+        torch.empty(0),
+        torch.tensor([-3.5]),
+        torch.empty(0, 5, dtype=torch.bfloat16),
+        torch.tensor(2.0, dtype=torch.float16),  # 0-d
+        torch.tensor([0.0], dtype=torch.float64),
+    ]
+    out = triton_partials(ts)
+    assert_partials_close(out, ts)
+    np.testing.assert_array_equal(out[0].numpy(), np.zeros(6))
+    np.testing.assert_array_equal(out[1].numpy(), [12.25, 3.5, 3.5, 0, 0, 0])
+    np.testing.assert_array_equal(out[4].numpy(), [0, 0, 0, 0, 0, 1])
+
+
+def test_only_empty_tensors_launch_nothing(launches: _CountLaunches) -> None:
+    out = triton_partials([torch.empty(0), torch.empty(3, 0, dtype=torch.float16)])
+    assert torch.equal(out, torch.zeros(2, 6, dtype=torch.float64))
+    assert launches.launches == []
+
+
+@pytest.mark.parametrize("n", [CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+def test_chunk_boundaries(n: int) -> None:
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    assert_partials_close(triton_partials([t]), [t])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unaligned_views_of_flat_buffer(dtype: torch.dtype) -> None:
+    # Views into one flat buffer (like DDP/FSDP gradient buckets) start at odd offsets: the
+    # first chunk is masked from a 16-byte aligned base, interior chunks are unmasked.
+    flat = torch.randn(4 * CHUNK, generator=torch.Generator().manual_seed(3)).to(dtype)
+    flat[::97] = 0.0
+    views = [flat[1 : 1 + 2 * CHUNK + 3], flat[2 * CHUNK + 5 : 4 * CHUNK - 2], flat[3:4]]
+    out = triton_partials(views)
+    assert_partials_close(out, views)
+    assert out[:, ZERO].sum() > 0
+
+
+def test_noncontiguous_dense_reads_storage_span() -> None:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 30, generator=g)
+    transposed = w.t()
+    channels_last = torch.randn(2, 6, 5, 7, generator=g).to(memory_format=torch.channels_last)
+    permuted = torch.randn(3, 4, 5, generator=g, dtype=torch.float64).permute(2, 0, 1)
+    ts = [transposed, channels_last, permuted]
+    for t in ts:
+        assert not t.is_contiguous() and triton_reduce._is_dense(t)
+    assert_partials_close(triton_partials(ts), ts)
+
+
+def test_noncontiguous_non_dense_falls_back_to_copy() -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(30, 40, generator=g)
+    ts = [
+        base[:, ::3],  # gaps
+        base[2:9, 5:31],  # rows with gaps between them
+        torch.randn(1, 25, generator=g).bfloat16().expand(6, 25),  # stride 0: overlap
+        base.t()[::2],  # transposed and strided
+    ]
+    for t in ts:
+        assert not triton_reduce._is_dense(t)
+    assert_partials_close(triton_partials(ts), ts)
+
+
+def test_large_magnitude_fp32_sums_in_float64() -> None:
+    t = torch.full((CHUNK + 10,), 1e20, dtype=torch.float32)
+    t[::2] = -1e20
+    out = triton_partials([t])
+    assert_partials_close(out, [t])
+    v = float(np.float32(1e20)) ** 2 * t.numel()
+    assert np.isfinite(out[0, SUMSQ].item()) and out[0, SUMSQ].item() == pytest.approx(v, rel=1e-12)
+    assert out[0, MAXABS].item() == float(np.float32(1e20))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_injection(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(2 * CHUNK + 3, generator=g).to(dtype)
+    nan_idx = [0, 5, CHUNK - 1, CHUNK, 2 * CHUNK + 2]
+    a[nan_idx] = float("nan")
+    a[[7, CHUNK + 1]] = float("inf")
+    a[9] = float("-inf")
+    only_nan = torch.full((50,), float("nan"), dtype=dtype)
+    neg_inf = torch.randn(20, generator=g).to(dtype)
+    neg_inf[3] = float("-inf")
+    nan_small = torch.tensor([float("nan"), -2.0, 1.0], dtype=dtype)
+    ts = [a, only_nan, neg_inf, nan_small]
+    out = triton_partials(ts)
+    assert_partials_close(out, ts)
+    assert out[0, NAN].item() == 5 and out[0, INF].item() == 3
+    assert np.isnan(out[0, SUMSQ].item()) and np.isnan(out[0, SUMABS].item())
+    assert out[0, MAXABS].item() == float("inf")
+    assert out[1, MAXABS].item() == 0.0 and out[1, NAN].item() == 50
+    assert out[2, SUMSQ].item() == float("inf") and out[2, SUMABS].item() == float("inf")
+    assert out[2, MAXABS].item() == float("inf") and out[2, INF].item() == 1
+    assert out[3, MAXABS].item() == 2.0 and out[3, NAN].item() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_zeros(dtype: torch.dtype) -> None:
+    t = torch.randn(CHUNK + 50, generator=torch.Generator().manual_seed(7)).to(dtype)
+    t[::3] = 0.0
+    t[1::7] = -0.0
+    zeros = torch.zeros(CHUNK + 1, dtype=dtype)
+    neg_zeros = torch.full((33,), -0.0, dtype=dtype)
+    tiny = torch.tensor([torch.finfo(dtype).tiny, -torch.finfo(dtype).tiny, 0.0], dtype=dtype)
+    ts = [t, zeros, neg_zeros, tiny]
+    out = triton_partials(ts)
+    assert_partials_close(out, ts)
+    assert out[0, ZERO].item() == int((t == 0).sum())
+    assert out[1, ZERO].item() == CHUNK + 1 and out[2, ZERO].item() == 33
+    assert out[3, ZERO].item() == 1
+
+
+def test_random_many_tensors_against_reference() -> None:
+    g = torch.Generator().manual_seed(8)
+    shapes = [(64, 33), (700,), (1,), (5, 3, 2), (CHUNK * 2 + 1,), (0,), (17,), (11, 11)]
+    ts = []
+    for i, shape in enumerate(shapes * 2):
+        t = (torch.randn(shape, generator=g) * 10.0 ** (i % 5 - 2)).to(DTYPES[i % 4])
+        ts.append(t)
+    out = triton_partials(ts)
+    assert_partials_close(out, ts)
+    want = reference_partials(ts)
+    np.testing.assert_array_equal(out[:, 2:].numpy(), want[:, 2:])
+
+
+def test_requires_grad_tensor() -> None:
+    p = torch.randn(100, requires_grad=True)
+    assert_partials_close(triton_partials([p]), [p.detach()])
+
+
+def test_rejects_non_floating() -> None:
+    with pytest.raises(TypeError):
+        triton_partials([torch.randn(3), torch.arange(4)])
+    with pytest.raises(TypeError):
+        triton_partials([torch.zeros(3, dtype=torch.complex64)])
+
+
+def test_cpu_tensors_need_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_partials([torch.randn(3)])
+
+
+def test_rejects_mixed_devices() -> None:
+    with pytest.raises(ValueError):
+        triton_partials([torch.randn(3), torch.empty(3, device="meta")])
+
+
+_CUDA_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from gradwatch.kernels.triton_reduce import triton_partials
+    sys.path.insert(0, os.environ["GW_TESTS_DIR"])
+    from reference import assert_partials_close
+
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda")
+    w = torch.randn(300, 200, generator=g)
+    w[3, 4] = float("nan")
+    w[7, 9] = float("-inf")
+    w[0, :50] = 0.0
+    flat = torch.randn(50_001, generator=g).bfloat16().to(dev)
+    cpu = [
+        w.t(),                                                   # dense transpose
+        torch.randn(4, 8, 9, 10, generator=g).half(),            # channels_last below
+        torch.randn(2000, 33, generator=g, dtype=torch.float64)[:, ::2],  # gaps: copied
+        torch.full((70_000,), 1e20),
+        torch.empty(0),
+        torch.tensor([-0.0]),
+        torch.randn(3 * 8192 + 5, generator=g).bfloat16(),
+        torch.full((20_000,), float("nan")).half(),              # maxabs 0
+        torch.tensor([1e200, -1e300, 0.0, 5.0], dtype=torch.float64),  # sumsq overflows: inf
+    ]
+    b = torch.randn(40_000, generator=g).bfloat16()
+    b[::7] = float("inf")
+    b[3::11] = float("nan")
+    cpu.append(b)
+    ts = [t.to(dev) for t in cpu]
+    ts[1] = ts[1].to(memory_format=torch.channels_last)
+    ts += [flat[1:30_001], flat[30_003:]]                          # unaligned bucket views
+    triton_partials(ts)  # compile outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = triton_partials(ts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.device == ts[0].device and out.dtype == torch.float64
+    assert_partials_close(out, ts)
+    print("cuda ok")
+    """
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_noncontiguous_no_sync() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["GW_TESTS_DIR"] = str(ROOT / "tests")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CUDA_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cuda ok" in proc.stdout
