@@ -28,7 +28,7 @@ ROOT = Path(__file__).parents[1]
 OUT = ROOT / "dashboards"
 RULES = OUT / dashboards.ALERTS_FILE
 RULE_TESTS = sorted((ROOT / "tests" / "rules").glob("*.yml"))
-SCHEMA = Path(__file__).parents[2] / "shared" / "grafana" / "dashboard.jsonschema.json"
+SCHEMA = Path(__file__).parent / "data" / "grafana-dashboard.jsonschema.json"
 REGENERATE = "run `gradwatch dashboards --out dashboards`"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 FILTERS = {"job": "$job", "instance": "$instance", "rank": "$rank"}
@@ -211,7 +211,7 @@ def test_generation_is_deterministic() -> None:
 
 def test_dashboards_validate_against_schema() -> None:
     if not SCHEMA.is_file():
-        msg = f"Grafana dashboard schema not found at {SCHEMA} (shared/ beside the checkout)"
+        msg = f"Grafana dashboard schema not found at {SCHEMA} (see tests/data/README.md)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
