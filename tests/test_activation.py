@@ -201,3 +201,16 @@ def test_torchrun_one_endpoint_per_rank():
         assert labels["local_rank"] == str(local_rank) and labels["world_size"] == "2"
         assert labels["rank"] == str(local_rank)
         assert value(samples, "grad_l2_norm") == pytest.approx(norms[local_rank], rel=1e-12)
+
+
+def test_autostart_runs_once_per_process():
+    """A venv's lib64 -> lib symlink makes `site` run the .pth line twice: one message only."""
+    code = "import gradwatch.activation as a; a.autostart(); a.autostart()"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(GRADWATCH="1", GRADWATCH_EVERY="abc"),
+    )
+    assert out.returncode == 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr

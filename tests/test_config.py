@@ -20,6 +20,9 @@ BAD = {
     "GRADWATCH_VANISHING_THRESHOLD": ["", "abc", "-1e-7", "inf", "nan", "1e999", "٣"],
     "GRADWATCH_EXPLODING_THRESHOLD": ["", "abc", "0", "-3", "inf", "nan"],
     "GRADWATCH_BACKEND": ["", "cuda", "fast", "nätive"],
+    "GRADWATCH_TLS_CERT": ["", "  ", "/no/such/cert.pem", "/", "c\u00e9rt.pem"],
+    "GRADWATCH_TLS_KEY": ["", "/no/such/key.pem", "/tmp"],
+    "GRADWATCH_TLS_CLIENT_CA": ["", "/no/such/ca.pem", "\U0001f4a5"],
     "LOCAL_RANK": ["x", "-1"],
 }
 

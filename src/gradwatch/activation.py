@@ -23,8 +23,16 @@ def wanted(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in FALSE_WORDS
 
 
+_ran = False
+
+
 def autostart() -> None:
-    """Called from the .pth line when GRADWATCH is set. Never raises."""
+    """Called from the .pth line when GRADWATCH is set. Never raises; runs once per process
+    (a venv's lib64 -> lib symlink makes `site` execute the same .pth file twice)."""
+    global _ran
+    if _ran:
+        return
+    _ran = True
     try:
         config = from_env()
     except SettingError as exc:

@@ -100,6 +100,24 @@ SETTINGS: tuple[Setting, ...] = (
         "Reduction backend: auto picks Triton on CUDA and the compiled C kernel on the CPU,"
         " falling back to plain torch ops.",
     ),
+    Setting(
+        "GRADWATCH_TLS_CERT",
+        "unset",
+        "path of a readable PEM certificate (chain) file",
+        "Serve `/metrics` over HTTPS with this certificate.",
+    ),
+    Setting(
+        "GRADWATCH_TLS_KEY",
+        "unset (key inside the cert file)",
+        "path of a readable PEM private key file",
+        "Private key of the certificate.",
+    ),
+    Setting(
+        "GRADWATCH_TLS_CLIENT_CA",
+        "unset",
+        "path of a readable PEM CA file",
+        "Mutual TLS: only clients with a certificate signed by this CA may scrape.",
+    ),
 )
 
 
@@ -117,6 +135,9 @@ class Config:
     vanishing_threshold: float = 1e-7
     exploding_threshold: float = 1e2
     backend: str = "auto"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
@@ -168,6 +189,13 @@ def parse_float(name: str, raw: str, lo: float, lo_inclusive: bool) -> float:
     if not math.isfinite(value) or value < lo or (value == lo and not lo_inclusive):
         raise SettingError(name, raw, accepted)
     return value
+
+
+def parse_file(name: str, raw: str) -> str:
+    path = raw.strip()
+    if not path or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise SettingError(name, raw, "the path of an existing, readable PEM file")
+    return path
 
 
 def parse_host(name: str, raw: str) -> str:
@@ -229,6 +257,11 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.exploding_threshold) and cfg.exploding_threshold > 0):
         raise SettingError("exploding_threshold", cfg.exploding_threshold, "a finite number > 0")
     parse_host("host", cfg.host)
+    for field_name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(cfg, field_name):
+            parse_file(field_name, getattr(cfg, field_name))
+    if (cfg.tls_key or cfg.tls_client_ca) and not cfg.tls_cert:
+        raise SettingError("tls_cert", "", "a certificate whenever a TLS key or client CA is set")
 
 
 def _rank_var(env: Mapping[str, str], name: str, default: int) -> int:
@@ -262,6 +295,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         if raw.strip().lower() not in BACKENDS:
             raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))
         kw["backend"] = raw.strip().lower()
+    for field_name in ("tls_cert", "tls_key", "tls_client_ca"):
+        var = "GRADWATCH_" + field_name.upper()
+        if (raw := env.get(var)) is not None:
+            kw[field_name] = parse_file(var, raw)
     kw["local_rank"] = _rank_var(env, "LOCAL_RANK", 0)
     kw["rank"] = _rank_var(env, "RANK", 0)
     world = _rank_var(env, "WORLD_SIZE", 1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -33,20 +35,31 @@ RANK_LABELS = ("rank", "local_rank", "world_size")
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of scrapers
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a silent or slow client cannot hold a handler thread for long
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
 
 
-def metrics_only(app: Callable) -> Callable:
-    """WSGI wrapper: serve `/metrics` (and `/`-less health at `/healthz`), 404 for anything else."""
+def metrics_only(app: Callable, on_error: Callable[[BaseException], None]) -> Callable:
+    """WSGI wrapper: `/metrics` and `/healthz` only, 404 for anything else; a failing scrape is
+    answered 500 and reported to ``on_error``, never propagated."""
 
     def wrapped(environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return app(environ, start_response)
+            try:
+                return app(environ, start_response)
+            except Exception as exc:  # noqa: BLE001
+                on_error(exc)
+                start_response(
+                    "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+                )
+                return [b"gradwatch: scrape failed (logged and counted)\n"]
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
@@ -114,6 +127,7 @@ class Exporter:
             )
         self.server: _Server | None = None
         self.thread: threading.Thread | None = None
+        self._restarts = 0
 
     # ---- values ----
     def pin(self) -> None:
@@ -176,8 +190,10 @@ class Exporter:
         return out
 
     # ---- endpoint ----
-    def start_server(self) -> None:
-        host, port = self.config.host, self.config.serve_port
+    def start_server(self, port: int | None = None) -> None:
+        """Serve /metrics on ``port`` (default: the configured one; 0 picks a free port)."""
+        host = self.config.host
+        port = self.config.serve_port if port is None else port
         if host in ("0.0.0.0", "::", ""):
             log.warning(
                 "gradwatch: /metrics listens on all interfaces (%s:%d); anyone who can"
@@ -185,23 +201,76 @@ class Exporter:
                 host,
                 port,
             )
-        app = metrics_only(make_wsgi_app(self.registry))
-        self.server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name="gradwatch-http", daemon=True
+        app = metrics_only(
+            make_wsgi_app(self.registry), lambda exc: self.session.errors.record("server", exc)
         )
+        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        scheme = "http"
+        if self.config.tls_cert:
+            try:
+                # Handshake in the per-connection thread, not in the accept loop: a client that
+                # connects and stays silent must not stall every other scrape.
+                server.socket = self._tls_context().wrap_socket(
+                    server.socket, server_side=True, do_handshake_on_connect=False
+                )
+            except BaseException:
+                server.server_close()
+                raise
+            scheme = "https"
+        self.server = server
+        self.thread = threading.Thread(target=self._serve, name="gradwatch-http", daemon=True)
         self.thread.start()
-        log.info("gradwatch: serving http://%s:%d/metrics", host, self.port)
+        log.info("gradwatch: serving %s://%s:%d/metrics", scheme, host, self.port)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """TLS for /metrics; with a client CA, mutual TLS (clients must present a cert)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
+        if self.config.tls_client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=self.config.tls_client_ca)
+        return ctx
+
+    def _serve(self) -> None:
+        server = self.server
+        try:
+            server.serve_forever()
+        except Exception as exc:  # noqa: BLE001 - the endpoint dies, training goes on
+            self.session.errors.record("server", exc)
+
+    RESTARTS = 3
+
+    def ensure_serving(self) -> None:
+        """Called at collected steps: restart an endpoint whose thread died (a few times)."""
+        if self.thread is None or self.thread.is_alive() or self._restarts >= self.RESTARTS:
+            return
+        self._restarts += 1
+        self.session.errors.record(
+            "server", RuntimeError("the /metrics thread stopped"), logged=True
+        )
+        log.warning(
+            "gradwatch: the /metrics thread stopped; restarting it (%d of %d)",
+            self._restarts,
+            self.RESTARTS,
+        )
+        old, self.server = self.server, None
+        port = old.server_address[1] if old is not None else None
+        if old is not None:
+            old.server_close()
+        self.start_server(port)  # the same port: scrapers and file_sd targets stay valid
 
     @property
     def port(self) -> int:
         return self.server.server_address[1] if self.server else 0
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        server, self.server = self.server, None
+        if server is not None:
+            if self.thread is not None and self.thread.is_alive():
+                server.shutdown()
+            server.server_close()
+        self.thread = None
         try:
             self.provider.shutdown()
         except Exception:  # noqa: BLE001

@@ -128,6 +128,8 @@ class Session:
             if watch is None:
                 return
             self._ensure_exporter()
+            if self.exporter is not None:
+                self.exporter.ensure_serving()
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
             return
