@@ -17,6 +17,7 @@ BAD = {
     "GRADWATCH_GROUPS": ["", ",", "host", "=host.", "host=", "a b=x", "other=x", "h=x,h=y", "é=x"],
     "GRADWATCH_PER_PARAM": ["", "maybe", "10", "ÿes"],
     "GRADWATCH_MAX_PARAMS": BAD_VALUES + ["0", "10000000"],
+    "GRADWATCH_MAX_GROUPS": BAD_VALUES + ["1", "0", "100001"],
     "GRADWATCH_VANISHING_THRESHOLD": ["", "abc", "-1e-7", "inf", "nan", "1e999", "٣"],
     "GRADWATCH_EXPLODING_THRESHOLD": ["", "abc", "0", "-3", "inf", "nan"],
     "GRADWATCH_BACKEND": ["", "cuda", "fast", "nätive"],

@@ -328,3 +328,23 @@ def test_series_carry_rank_labels(backend):
     labels = dict(next(iter(samples["grad_l2_norm"])))
     assert labels["rank"] == "0" and labels["local_rank"] == "0" and labels["world_size"] == "1"
     assert labels["optimizer"] == "0"
+
+
+def test_group_series_are_capped_with_one_warning(backend, caplog):
+    torch.manual_seed(4)
+    layers = [nn.Linear(2, 2) for _ in range(6)]
+    opt = torch.optim.SGD([{"params": m.parameters()} for m in layers], lr=0.1)
+    model = nn.Sequential(*layers)
+    x = torch.randn(3, 2)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with gradwatch.watch(model, opt, port=0, backend=backend, max_groups=4) as h:
+            cap = Capture(opt)
+            train(model, opt, 2, lambda: model(x).sum())
+            samples = parse(fetch(h.port))
+    labels = {dict(k)["group"] for k in samples["grad_group_l2_norm"]}
+    assert labels == {"0", "1", "2", "_overflow"}
+    overflow = reference_stats(cap.grads[6:])  # groups 3, 4, 5: two tensors each
+    assert value(samples, "grad_group_l2_norm", group="_overflow") == pytest.approx(
+        overflow["grad_l2_norm"], rel=1e-12
+    )
+    assert sum("GRADWATCH_MAX_GROUPS" in r.getMessage() for r in caplog.records) == 1

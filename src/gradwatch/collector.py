@@ -233,6 +233,7 @@ class OptimizerWatch:
                     groups.append(label)
             else:
                 groups = [str(g) for g in group_of]
+            groups = self._cap_groups(groups)
             if self.config.per_param and len(names) > self.config.max_params:
                 log.warning(
                     "gradwatch: %d parameters have gradients but GRADWATCH_MAX_PARAMS is %d:"
@@ -244,6 +245,22 @@ class OptimizerWatch:
             self._layout = Layout.build(names, groups)
             self._layout_key = key
         return self._layout
+
+    def _cap_groups(self, groups: list[str]) -> list[str]:
+        """Bound the group series: groups past the cap share one `_overflow` group."""
+        order = list(dict.fromkeys(groups))
+        cap = self.config.max_groups
+        if len(order) <= cap:
+            return groups
+        keep = set(order[: cap - 1])
+        log.warning(
+            "gradwatch: %d parameter groups but GRADWATCH_MAX_GROUPS is %d: the last %d are"
+            " merged into group _overflow",
+            len(order),
+            cap,
+            len(order) - cap + 1,
+        )
+        return [g if g in keep else "_overflow" for g in groups]
 
     def _backend(self, device: torch.device) -> Backend:
         backend = self._backends.get(device)

@@ -82,6 +82,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
     ),
     Setting(
+        "GRADWATCH_MAX_GROUPS",
+        "100",
+        "integer >= 2",
+        "Cap on `grad_group_*` groups; groups past it are merged into group `_overflow`, with a"
+        " warning.",
+    ),
+    Setting(
         "GRADWATCH_VANISHING_THRESHOLD",
         "1e-07",
         "finite number >= 0",
@@ -132,6 +139,7 @@ class Config:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     per_param: bool = False
     max_params: int = 500
+    max_groups: int = 100
     vanishing_threshold: float = 1e-7
     exploding_threshold: float = 1e2
     backend: str = "auto"
@@ -250,6 +258,8 @@ def validate(cfg: Config) -> None:
         raise SettingError("port", cfg.port, "an integer from 0 to 65535")
     if not (isinstance(cfg.max_params, int) and cfg.max_params >= 1):
         raise SettingError("max_params", cfg.max_params, "an integer >= 1")
+    if not (isinstance(cfg.max_groups, int) and cfg.max_groups >= 2):
+        raise SettingError("max_groups", cfg.max_groups, "an integer >= 2")
     if cfg.backend not in BACKENDS:
         raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
     if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
@@ -287,6 +297,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         kw["per_param"] = parse_bool("GRADWATCH_PER_PARAM", raw)
     if (raw := env.get("GRADWATCH_MAX_PARAMS")) is not None:
         kw["max_params"] = parse_int("GRADWATCH_MAX_PARAMS", raw, 1, 10**6)
+    if (raw := env.get("GRADWATCH_MAX_GROUPS")) is not None:
+        kw["max_groups"] = parse_int("GRADWATCH_MAX_GROUPS", raw, 2, 10**5)
     if (raw := env.get("GRADWATCH_VANISHING_THRESHOLD")) is not None:
         kw["vanishing_threshold"] = parse_float("GRADWATCH_VANISHING_THRESHOLD", raw, 0.0, True)
     if (raw := env.get("GRADWATCH_EXPLODING_THRESHOLD")) is not None:

@@ -13,6 +13,7 @@ import math
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -36,6 +37,18 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of scrapers
+    # Accept at most this many requests per second: a swarm of scrapers then waits in the
+    # backlog instead of taking the GIL from the training thread (one Prometheus needs ~1/s).
+    max_requests_per_second = 50.0
+    _next_accept = 0.0
+
+    def process_request(self, request, client_address):
+        now = time.monotonic()
+        wait = self._next_accept - now
+        if wait > 0:
+            time.sleep(wait)
+        self._next_accept = max(now, self._next_accept) + 1.0 / self.max_requests_per_second
+        super().process_request(request, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -45,7 +58,51 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def metrics_only(app: Callable, on_error: Callable[[BaseException], None]) -> Callable:
+class ScrapeBudget:
+    """Caps how often a scrape is computed, so that a swarm of scrapers cannot starve training
+    of the GIL: at most ``per_second`` expositions are generated in any one-second window; past
+    that, requests get the latest generated response for the same request shape. A normal
+    scraper (every 1-60 s) always gets a fresh one."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._lock = threading.Lock()
+        self._recent: list[float] = []
+        self._cache: dict[tuple, tuple[str, list, bytes]] = {}
+
+    def serve(self, app: Callable, environ: dict, start_response: Callable) -> list[bytes]:
+        key = (
+            environ.get("QUERY_STRING", ""),
+            environ.get("HTTP_ACCEPT", ""),
+            environ.get("HTTP_ACCEPT_ENCODING", ""),
+        )
+        now = time.monotonic()
+        with self._lock:
+            self._recent = [t for t in self._recent if now - t < 1.0]
+            cached = self._cache.get(key)
+            fresh = cached is None or len(self._recent) < self.per_second
+            if fresh:
+                self._recent.append(now)
+        if fresh:
+            captured: dict = {}
+
+            def capture(status, headers, exc_info=None):
+                captured["status"], captured["headers"] = status, headers
+
+            body = b"".join(app(environ, capture))
+            cached = (captured["status"], captured["headers"], body)
+            with self._lock:
+                if len(self._cache) > 32:  # bounded: request shapes are attacker-controlled
+                    self._cache.clear()
+                self._cache[key] = cached
+        status, headers, body = cached
+        start_response(status, headers)
+        return [body]
+
+
+def metrics_only(
+    app: Callable, on_error: Callable[[BaseException], None], budget: ScrapeBudget | None = None
+) -> Callable:
     """WSGI wrapper: `/metrics` and `/healthz` only, 404 for anything else; a failing scrape is
     answered 500 and reported to ``on_error``, never propagated."""
 
@@ -53,6 +110,8 @@ def metrics_only(app: Callable, on_error: Callable[[BaseException], None]) -> Ca
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             try:
+                if budget is not None:
+                    return budget.serve(app, environ, start_response)
                 return app(environ, start_response)
             except Exception as exc:  # noqa: BLE001
                 on_error(exc)
@@ -128,6 +187,7 @@ class Exporter:
         self.server: _Server | None = None
         self.thread: threading.Thread | None = None
         self._restarts = 0
+        self.budget = ScrapeBudget()
 
     # ---- values ----
     def pin(self) -> None:
@@ -202,7 +262,9 @@ class Exporter:
                 port,
             )
         app = metrics_only(
-            make_wsgi_app(self.registry), lambda exc: self.session.errors.record("server", exc)
+            make_wsgi_app(self.registry),
+            lambda exc: self.session.errors.record("server", exc),
+            self.budget,
         )
         server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
         scheme = "http"
