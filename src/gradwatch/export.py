@@ -18,7 +18,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import __version__, catalog
@@ -60,15 +61,60 @@ class _PinningRegistry(CollectorRegistry):
     """Pins one snapshot of every watch before each collection, so that all the samples of a
     scrape belong to the same step (instrument callbacks run one after another)."""
 
-    def __init__(self, pin: Callable[[], None]) -> None:
+    def __init__(self, pin: Callable[[], None], lock: threading.Lock) -> None:
         super().__init__(auto_describe=True)
         self._pin = pin
-        self._collect_lock = threading.Lock()
+        self._collect_lock = lock
 
     def collect(self):
         with self._collect_lock:
             self._pin()
             yield from super().collect()
+
+
+class _PinningPeriodicReader(PeriodicExportingMetricReader):
+    """OTLP push: the same pinning as a scrape, under the same lock."""
+
+    def __init__(self, exporter, pin: Callable[[], None], lock: threading.Lock, **kw) -> None:
+        super().__init__(exporter, **kw)
+        self._pin = pin
+        self._pin_lock = lock
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        with self._pin_lock:
+            self._pin()
+            super().collect(timeout_millis=timeout_millis)
+
+
+def make_resource(config: Config) -> Resource:
+    """Resource of this process: OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME are honoured
+    (service.name defaults to "gradwatch"); rank, local_rank and world_size always come from
+    the launcher's variables, never from a copy of OTEL_RESOURCE_ATTRIBUTES shared by ranks."""
+    from_env = OTELResourceDetector().detect().attributes
+    attrs: dict[str, str] = {}
+    if not from_env.get("service.name"):
+        attrs["service.name"] = "gradwatch"
+    attrs.update(
+        {
+            "rank": str(config.rank),
+            "local_rank": str(config.local_rank),
+            "world_size": str(config.world_size),
+        }
+    )
+    return Resource.create(attrs)
+
+
+def otlp_reader(pin: Callable[[], None], lock: threading.Lock) -> PeriodicExportingMetricReader:
+    """OTLP/HTTP push, configured by the standard OTEL_EXPORTER_OTLP_* variables and
+    OTEL_METRIC_EXPORT_INTERVAL (read by the OpenTelemetry SDK itself)."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError as exc:
+        raise RuntimeError(
+            "OTEL_METRICS_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-http"
+            " (pip install 'gradwatch[otlp]')"
+        ) from exc
+    return _PinningPeriodicReader(OTLPMetricExporter(), pin, lock)
 
 
 class Exporter:
@@ -79,26 +125,27 @@ class Exporter:
         self.config = config
         self.thresholds = Thresholds(config.vanishing_threshold, config.exploding_threshold)
         self._pinned: list = []
-        self.registry = _PinningRegistry(self.pin)
+        lock = threading.Lock()
+        self.registry = _PinningRegistry(self.pin, lock)
+        self.pull = "prometheus" in config.exporters
+        readers = []
         self.reader = PrometheusMetricReader(
             scope_info_enabled=False,
             resource_attribute_filter=lambda key: key in RANK_LABELS,
             registry=self.registry,
         )
-        resource = Resource.create(
-            {
-                "service.name": "gradwatch",
-                "rank": str(config.rank),
-                "local_rank": str(config.local_rank),
-                "world_size": str(config.world_size),
-            }
-        )
+        if self.pull:
+            readers.append(self.reader)
+        self.push = otlp_reader(self.pin, lock) if "otlp" in config.exporters else None
+        if self.push is not None:
+            readers.append(self.push)
+        self.resource = make_resource(config)
         self.provider = MeterProvider(
-            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False
+            resource=self.resource, metric_readers=readers, shutdown_on_exit=False
         )  # our close() shuts it down
         meter = self.provider.get_meter("gradwatch", __version__)
         for stat in catalog.CATALOG:
-            if stat.scope == catalog.PARAM and not config.per_param:
+            if stat.scope == catalog.PARAM and not config.per_param_here:
                 continue
             kind = ObservableCounter if stat.instrument == "counter" else ObservableGauge
             factory = (
@@ -177,6 +224,10 @@ class Exporter:
 
     # ---- endpoint ----
     def start_server(self) -> None:
+        if not self.pull:
+            log.info("gradwatch: OTEL_METRICS_EXPORTER=%s: no /metrics endpoint",
+                     ",".join(self.config.exporters) or "none")
+            return
         host, port = self.config.host, self.config.serve_port
         if host in ("0.0.0.0", "::", ""):
             log.warning(
