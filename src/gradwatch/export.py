@@ -225,8 +225,10 @@ class Exporter:
     # ---- endpoint ----
     def start_server(self) -> None:
         if not self.pull:
-            log.info("gradwatch: OTEL_METRICS_EXPORTER=%s: no /metrics endpoint",
-                     ",".join(self.config.exporters) or "none")
+            log.info(
+                "gradwatch: OTEL_METRICS_EXPORTER=%s: no /metrics endpoint",
+                ",".join(self.config.exporters) or "none",
+            )
             return
         host, port = self.config.host, self.config.serve_port
         if host in ("0.0.0.0", "::", ""):
