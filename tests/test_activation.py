@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import site
 import subprocess
 import sys
@@ -180,7 +181,11 @@ def test_torchrun_one_endpoint_per_rank():
         text=True,
     )
     try:
-        refs = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        refs: list[dict] = []
+        while len(refs) < 2:  # both ranks write to one pipe: lines can run together
+            line = proc.stdout.readline()
+            assert line, "torchrun ended early: " + proc.stderr.read()
+            refs += [json.loads(m) for m in re.findall(r"\{[^{}]*\}", line)]
         got = {}
         deadline = time.monotonic() + 30
         for local_rank in (0, 1):

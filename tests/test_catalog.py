@@ -19,7 +19,7 @@ grad_nonfinite_elements grad_tensors_vanishing grad_tensors_exploding grad_eleme
 grad_stats_step grad_steps_total grad_nonfinite_steps_total grad_group_l2_norm grad_group_rms
 grad_group_abs_max grad_group_nonfinite_elements grad_param_l2_norm grad_param_abs_max
 grad_param_zero_ratio grad_param_nonfinite_elements gradwatch_collect_seconds
-gradwatch_errors_total gradwatch_info""".split()
+gradwatch_errors_total gradwatch_info grad_rank_nonfinite_elements""".split()
 
 
 def test_required_names_present_and_unique():
@@ -39,7 +39,7 @@ def test_units_follow_the_rules():
         assert not s.prom_name.endswith(("_count", "_sum", "_bucket")), s.prom_name
         assert s.formula.strip() and "\n" not in s.formula
         assert (s.compute is not None) == (
-            s.scope in (catalog.GLOBAL, catalog.GROUP, catalog.PARAM)
+            s.scope in (catalog.GLOBAL, catalog.GROUP, catalog.PARAM, catalog.RANK)
             and s.instrument == "gauge"
             and s.prom_name != "grad_stats_step"
         )

@@ -24,6 +24,10 @@ BAD = {
     "GRADWATCH_TLS_CERT": ["", "  ", "/no/such/cert.pem", "/", "c\u00e9rt.pem"],
     "GRADWATCH_TLS_KEY": ["", "/no/such/key.pem", "/tmp"],
     "GRADWATCH_TLS_CLIENT_CA": ["", "/no/such/ca.pem", "\U0001f4a5"],
+    "GRADWATCH_DISTRIBUTED": ["", "on", "ddp", "1", "öff"],
+    "GRADWATCH_PER_PARAM_RANKS": ["", ",", "0,", "-1", "x", "0;1", "alle", "1.5", "٣"],
+    "GRADWATCH_FILE_SD": ["", "  ", "/tmp/targets/", "a\0b"],
+    "OTEL_METRICS_EXPORTER": ["", "otel", "otlp,zipkin", "none,otlp", "prom"],
     "LOCAL_RANK": ["x", "-1"],
 }
 
@@ -55,6 +59,10 @@ def test_defaults_and_good_values():
             "GRADWATCH_VANISHING_THRESHOLD": "0",
             "GRADWATCH_EXPLODING_THRESHOLD": "1e4",
             "GRADWATCH_BACKEND": "TORCH",
+            "GRADWATCH_DISTRIBUTED": "Off",
+            "GRADWATCH_PER_PARAM_RANKS": "3, 0,3",
+            "GRADWATCH_FILE_SD": "/tmp/gradwatch.json",
+            "OTEL_METRICS_EXPORTER": "otlp, prometheus",
             "LOCAL_RANK": "3",
             "RANK": "11",
             "WORLD_SIZE": "16",
@@ -64,6 +72,11 @@ def test_defaults_and_good_values():
     assert cfg.groups == (("host", ("host.",)), ("seed", ("seed.", "stem.")))
     assert (cfg.every, cfg.per_param, cfg.max_params, cfg.backend) == (10, True, 20, "torch")
     assert (cfg.rank, cfg.world_size) == (11, 16)
+    assert (cfg.distributed, cfg.per_param_ranks) == ("off", (0, 3))
+    assert cfg.file_sd == "/tmp/gradwatch.json" and cfg.exporters == ("otlp", "prometheus")
+    assert not cfg.per_param_here  # rank 11 is not in 0,3
+    assert from_env({"GRADWATCH_PER_PARAM_RANKS": "all"}).per_param_ranks is None
+    assert from_env({"OTEL_METRICS_EXPORTER": "none"}).exporters == ()
     for off in ("0", "false", "No", "OFF"):
         assert from_env({"GRADWATCH": off}).enabled is False
 

@@ -53,3 +53,16 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
     hits = [v for k, v in samples.get(name, {}).items() if set(labels.items()) <= set(k)]
     assert len(hits) <= 1, (name, labels, hits)
     return hits[0] if hits else None
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free now (one endpoint per local rank)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")

@@ -24,7 +24,8 @@ import numpy as np
 NONFINITE_KINDS = ("nan", "inf")
 
 # Scopes: which set of gradients (or which part of gradwatch) a statistic describes.
-GLOBAL, GROUP, PARAM, SELF = "global", "group", "param", "self"
+# RANK: this rank's own local gradients (its shards), before any combination across ranks.
+GLOBAL, GROUP, PARAM, RANK, SELF = "global", "group", "param", "rank", "self"
 
 # A value is either a plain number or one number per value of the statistic's extra label.
 Value = float | Mapping[str, float]
@@ -414,6 +415,22 @@ CATALOG: tuple[Statistic, ...] = (
         label_values={"kind": NONFINITE_KINDS},
         compute=_nonfinite_by_kind,
         default_on=False,
+    ),
+    # ---- this rank's local gradients (before combination across ranks) ----
+    Statistic(
+        otel_name="grad.rank.nonfinite_elements",
+        prom_name="grad_rank_nonfinite_elements",
+        instrument="gauge",
+        unit="{element}",
+        formula="Elements of this rank's local gradients (its own shards under FSDP2, its full"
+        " copy otherwise) that are NaN (kind=nan) or +/-Inf (kind=inf) in the last collected"
+        " step, counted before combination across ranks; the rank where a NaN appeared.",
+        scope=RANK,
+        across_tensors="counts summed",
+        across_ranks="per rank (not combined); sum over ranks >= grad_nonfinite_elements",
+        labels=("kind",),
+        label_values={"kind": NONFINITE_KINDS},
+        compute=_nonfinite_by_kind,
     ),
     # ---- gradwatch's own cost and health ----
     Statistic(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import catalog
+from . import catalog, distributed
 from .catalog import Aggregate, Statistic, Thresholds
 from .config import Config
 from .kernels import INF, MAXABS, N_PARTIALS, NAN, SUMABS, SUMSQ, ZERO
@@ -56,14 +56,22 @@ class Layout:
 class Readout:
     """Host-side partials of one collected step; statistics are computed lazily, once."""
 
-    def __init__(self, step: int, layout: Layout, partials: np.ndarray, numel: np.ndarray) -> None:
+    def __init__(
+        self,
+        step: int,
+        layout: Layout,
+        partials: np.ndarray,
+        numel: np.ndarray,
+        local: np.ndarray | None = None,
+    ) -> None:
         self.step = step
         self.layout = layout
-        self.partials = partials
+        self.partials = partials  # combined across ranks when distributed combining is on
         self.numel = numel
+        self.local = partials if local is None else local  # this rank's own shards, uncombined
 
-    def aggregate(self, rows: np.ndarray | slice = slice(None)) -> Aggregate:
-        p = self.partials[rows]
+    def aggregate(self, rows: np.ndarray | slice = slice(None), local: bool = False) -> Aggregate:
+        p = (self.local if local else self.partials)[rows]
         return Aggregate(
             sumsq=p[:, SUMSQ],
             sumabs=p[:, SUMABS],
@@ -85,6 +93,8 @@ class Readout:
         assert stat.compute is not None
         if stat.scope == catalog.GLOBAL:
             sets: Iterable[tuple[dict[str, str], Aggregate]] = [({}, self.aggregate())]
+        elif stat.scope == catalog.RANK:
+            sets = [({}, self.aggregate(local=True))]
         elif stat.scope == catalog.GROUP:
             sets = (({"group": g}, self.aggregate(r)) for g, r in self.layout.group_rows.items())
         else:
@@ -120,8 +130,9 @@ class _InFlight:
     step: int
     layout: Layout
     numel: np.ndarray
-    host: torch.Tensor  # pinned [T*6 + 2]: partials, grad scale, found_inf
+    host: torch.Tensor  # pinned [T*6 + 2 (+ T*6)]: partials, grad scale, found_inf (, local)
     done: torch.cuda.Event
+    combined: bool = False
 
 
 class ErrorLog:
@@ -234,7 +245,7 @@ class OptimizerWatch:
             else:
                 groups = [str(g) for g in group_of]
             groups = self._cap_groups(groups)
-            if self.config.per_param and len(names) > self.config.max_params:
+            if self.config.per_param_here and len(names) > self.config.max_params:
                 log.warning(
                     "gradwatch: %d parameters have gradients but GRADWATCH_MAX_PARAMS is %d:"
                     " grad_param_* series are exported for the first %d only",
@@ -290,22 +301,35 @@ class OptimizerWatch:
             grads = [grads[i] for i in order]
             group_of = [group_of[i] for i in order]
         layout = self._layout_for(params, group_of)
-        numel = np.fromiter((g.numel() for g in grads), dtype=np.float64, count=len(grads))
+        # DTensor grads (FSDP2): local shards, rows owned by this rank, full numel.
+        view = distributed.local_view(grads, self.config.distributed)
+        grads, numel = view.tensors, view.numel
         scale = getattr(self.optimizer_ref, "grad_scale", None)
         found_inf = getattr(self.optimizer_ref, "found_inf", None)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         if len(by_device) == 1 and device.type == "cuda":
-            self._launch_cuda(device, grads, layout, numel, scale, found_inf)
+            self._launch_cuda(device, grads, layout, numel, scale, found_inf, view.owned)
             return
         parts = [self._backend(d).partials(gs).to("cpu") for d, gs in by_device.items()]
-        host = torch.cat(parts).numpy() if len(parts) > 1 else parts[0].numpy()
+        local = torch.cat(parts) if len(parts) > 1 else parts[0]
+        combined = None
+        if view.combine:
+            # CPU partials: one small gloo all-reduce pair; waiting for it on the CPU is cheap.
+            result, works = distributed.start_combine(local, view.owned)
+            for work in works:
+                work.wait()
+            combined = distributed.finish_combine(result).numpy()
+        host = local.numpy().reshape(-1, N_PARTIALS)
         scale_v = None if scale is None else float(scale)
         found = None if found_inf is None else float(found_inf)
-        self._publish(self.steps, layout, host.reshape(-1, N_PARTIALS), numel, scale_v, found)
+        if combined is None:
+            self._publish(self.steps, layout, host, numel, scale_v, found)
+        else:
+            self._publish(self.steps, layout, combined, numel, scale_v, found, local=host)
 
-    def _launch_cuda(self, device, grads, layout, numel, scale, found_inf) -> None:
+    def _launch_cuda(self, device, grads, layout, numel, scale, found_inf, owned=None) -> None:
         with self._lock:
             if len(self._inflight) >= RING_SLOTS:
                 self.dropped_steps += 1
@@ -319,25 +343,37 @@ class OptimizerWatch:
         )  # read grads only once their producer (maybe FSDP's stream) is done
         backend = self._backend(device)
         t = len(grads)
+        combine = owned is not None
         with torch.cuda.stream(stream):
             partials = backend.partials(grads)
             reduced = torch.cuda.Event()
             reduced.record(stream)
+            local = partials
+            if combine:
+                # Collectives on the dedicated group; wait() orders this side stream after them on
+                # the device (NCCL), the host goes on.
+                result, works = distributed.start_combine(partials, owned)
+                for work in works:
+                    work.wait()
+                partials = distributed.finish_combine(result)
             extra = torch.full((2,), math.nan, dtype=torch.float64, device=device)
             if scale is not None:
                 extra[0].copy_(scale.reshape(()))
             if found_inf is not None:
                 extra[1].copy_(found_inf.reshape(()))
-            host = torch.empty(t * N_PARTIALS + 2, dtype=torch.float64, pin_memory=True)
+            size = t * N_PARTIALS * (2 if combine else 1) + 2
+            host = torch.empty(size, dtype=torch.float64, pin_memory=True)
             host[: t * N_PARTIALS].copy_(partials.reshape(-1), non_blocking=True)
-            host[t * N_PARTIALS :].copy_(extra, non_blocking=True)
+            host[t * N_PARTIALS : t * N_PARTIALS + 2].copy_(extra, non_blocking=True)
+            if combine:
+                host[t * N_PARTIALS + 2 :].copy_(local.reshape(-1), non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         # Later in-place writes (clip, unscale_, fused steps, zero_grad) and frees are ordered after
         # the reduction on the device; the host does not wait.
         main.wait_event(reduced)
         with self._lock:
-            self._inflight.append(_InFlight(self.steps, layout, numel, host, done))
+            self._inflight.append(_InFlight(self.steps, layout, numel, host, done, combine))
 
     def poll(self) -> None:
         """Publish every in-flight result whose copy has completed; never blocks."""
@@ -350,6 +386,9 @@ class OptimizerWatch:
                 data = item.host.numpy()
                 t = len(item.layout.names)
                 scale, found = data[t * N_PARTIALS], data[t * N_PARTIALS + 1]
+                local = None
+                if item.combined:
+                    local = data[t * N_PARTIALS + 2 :].reshape(t, N_PARTIALS).copy()
                 self._publish(
                     item.step,
                     item.layout,
@@ -357,6 +396,7 @@ class OptimizerWatch:
                     item.numel,
                     None if math.isnan(scale) else float(scale),
                     None if math.isnan(found) else float(found),
+                    local=local,
                 )
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("readout", exc)
@@ -381,7 +421,7 @@ class OptimizerWatch:
             self.poll()
             time.sleep(0.001)
 
-    def _publish(self, step, layout, partials, numel, scale, found_inf) -> None:
+    def _publish(self, step, layout, partials, numel, scale, found_inf, local=None) -> None:
         if found_inf:  # fused GradScaler path: this step will be skipped, grads are not real
             with self._lock:
                 self.amp_skipped_steps += 1
@@ -391,7 +431,7 @@ class OptimizerWatch:
             partials[:, SUMSQ] /= scale * scale
             partials[:, SUMABS] /= scale
             partials[:, MAXABS] /= scale
-        readout = Readout(step, layout, partials, numel)
+        readout = Readout(step, layout, partials, numel, local)
         with self._lock:
             self.latest = readout
             self.collected_steps += 1

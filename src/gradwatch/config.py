@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 BACKENDS = ("auto", "native", "torch", "triton")
+DISTRIBUTED_MODES = ("auto", "off")
+METRICS_EXPORTERS = ("prometheus", "otlp", "none")
 DEFAULT_PORT = 9464
 
 
@@ -125,6 +127,40 @@ SETTINGS: tuple[Setting, ...] = (
         "path of a readable PEM CA file",
         "Mutual TLS: only clients with a certificate signed by this CA may scrape.",
     ),
+    Setting(
+        "GRADWATCH_DISTRIBUTED",
+        "auto",
+        "auto, off",
+        "auto: when torch.distributed is initialized with world size > 1 and some gradients are"
+        " DTensors (FSDP2, tensor parallel), each rank reduces its local shards and one small"
+        " all-reduce per collected step combines them into exact global statistics (identical on"
+        " every rank); plain-tensor gradients (DDP) are already identical on every rank and need"
+        " none. off: every rank reports its own local gradients. See docs/distributed.md.",
+    ),
+    Setting(
+        "GRADWATCH_PER_PARAM_RANKS",
+        "0",
+        "`all`, or comma-separated global ranks, e.g. `0` or `0,8,16`",
+        "Ranks that export the `grad_param_*` series when GRADWATCH_PER_PARAM=1 (combined"
+        " statistics are identical on every rank, so one rank is enough).",
+    ),
+    Setting(
+        "GRADWATCH_FILE_SD",
+        "unset",
+        "a file path",
+        "Rank 0 writes a Prometheus `file_sd` target file there listing every rank's /metrics"
+        " host:port with `rank` labels (gathered from all ranks at the first step; every rank"
+        " must see the same setting).",
+    ),
+    Setting(
+        "OTEL_METRICS_EXPORTER",
+        "prometheus",
+        "comma-separated: prometheus, otlp, none",
+        "prometheus: the pull endpoint /metrics; otlp: push the same metrics over OTLP/HTTP"
+        " (`pip install gradwatch[otlp]`; configured by the standard OTEL_EXPORTER_OTLP_* and"
+        " OTEL_METRIC_EXPORT_INTERVAL variables); `otlp` alone turns the endpoint off, use"
+        " `otlp,prometheus` for both.",
+    ),
 )
 
 
@@ -146,6 +182,10 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    distributed: str = "auto"
+    per_param_ranks: tuple[int, ...] | None = (0,)  # None: all ranks
+    file_sd: str | None = None
+    exporters: tuple[str, ...] = ("prometheus",)
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
@@ -159,6 +199,12 @@ class Config:
         cfg = replace(self, **kw)  # type: ignore[arg-type]
         validate(cfg)
         return cfg
+
+    @property
+    def per_param_here(self) -> bool:
+        """GRADWATCH_PER_PARAM is on and this rank is one of GRADWATCH_PER_PARAM_RANKS."""
+        ranks = self.per_param_ranks
+        return self.per_param and (ranks is None or self.rank in ranks)
 
     @property
     def serve_port(self) -> int:
@@ -272,6 +318,42 @@ def validate(cfg: Config) -> None:
             parse_file(field_name, getattr(cfg, field_name))
     if (cfg.tls_key or cfg.tls_client_ca) and not cfg.tls_cert:
         raise SettingError("tls_cert", "", "a certificate whenever a TLS key or client CA is set")
+    if cfg.distributed not in DISTRIBUTED_MODES:
+        raise SettingError("distributed", cfg.distributed, ", ".join(DISTRIBUTED_MODES))
+
+
+def parse_rank_list(name: str, raw: str) -> tuple[int, ...] | None:
+    accepted = "all, or comma-separated ranks (integers >= 0), e.g. 0 or 0,8,16"
+    text = raw.strip().lower()
+    if text == "all":
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if not text or any(not x for x in items):
+        raise SettingError(name, raw, accepted)
+    ranks = []
+    for x in items:
+        try:
+            ranks.append(parse_int(name, x, 0, 10**7))
+        except SettingError:
+            raise SettingError(name, raw, accepted) from None
+    return tuple(sorted(set(ranks)))
+
+
+def parse_path(name: str, raw: str) -> str:
+    path = raw.strip()
+    if not path or "\0" in path or len(path) > 4096 or path.endswith(("/", "\\")):
+        raise SettingError(name, raw, "a file path (not a directory)")
+    return path
+
+
+def parse_exporters(name: str, raw: str) -> tuple[str, ...]:
+    accepted = "comma-separated: " + ", ".join(METRICS_EXPORTERS)
+    items = [x.strip().lower() for x in raw.split(",")]
+    if not raw.strip() or any(x not in METRICS_EXPORTERS for x in items):
+        raise SettingError(name, raw, accepted)
+    if "none" in items and len(set(items)) > 1:
+        raise SettingError(name, raw, accepted + " (none alone)")
+    return tuple(x for x in dict.fromkeys(items) if x != "none")
 
 
 def _rank_var(env: Mapping[str, str], name: str, default: int) -> int:
@@ -311,6 +393,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         var = "GRADWATCH_" + field_name.upper()
         if (raw := env.get(var)) is not None:
             kw[field_name] = parse_file(var, raw)
+    if (raw := env.get("GRADWATCH_DISTRIBUTED")) is not None:
+        if raw.strip().lower() not in DISTRIBUTED_MODES:
+            raise SettingError("GRADWATCH_DISTRIBUTED", raw, ", ".join(DISTRIBUTED_MODES))
+        kw["distributed"] = raw.strip().lower()
+    if (raw := env.get("GRADWATCH_PER_PARAM_RANKS")) is not None:
+        kw["per_param_ranks"] = parse_rank_list("GRADWATCH_PER_PARAM_RANKS", raw)
+    if (raw := env.get("GRADWATCH_FILE_SD")) is not None:
+        kw["file_sd"] = parse_path("GRADWATCH_FILE_SD", raw)
+    if (raw := env.get("OTEL_METRICS_EXPORTER")) is not None:
+        kw["exporters"] = parse_exporters("OTEL_METRICS_EXPORTER", raw)
     kw["local_rank"] = _rank_var(env, "LOCAL_RANK", 0)
     kw["rank"] = _rank_var(env, "RANK", 0)
     world = _rank_var(env, "WORLD_SIZE", 1)

@@ -865,7 +865,24 @@ def ranks() -> dict:
                 ],
                 "short",
             ),
-            12,
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Rank-local non-finite gradient elements",
+                "NaN and Inf elements in each rank's own local gradients (its shards under FSDP2)"
+                " before combination across ranks: the rank where a NaN appeared. Under FSDP2"
+                " grad_nonfinite_elements is global (identical on every rank); this one is not.",
+                [
+                    (
+                        f"sum by (rank, kind) ({sel('grad_rank_nonfinite_elements')})",
+                        "{{kind}} rank {{rank}}",
+                    )
+                ],
+                "short",
+            ),
+            8,
             8,
         ),
         (
@@ -876,7 +893,7 @@ def ranks() -> dict:
                 [(f"sum by (rank) (increase({sel('grad_nonfinite_steps_total')}[{RATE}]))", rwho)],
                 "short",
             ),
-            12,
+            8,
             8,
         ),
         (row("Progress and cost by rank"), 24, 1),

@@ -21,7 +21,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import __version__, catalog
@@ -60,15 +61,20 @@ class _QuietHandler(WSGIRequestHandler):
 
 class ScrapeBudget:
     """Caps how often a scrape is computed, so that a swarm of scrapers cannot starve training
-    of the GIL: at most ``per_second`` expositions are generated in any one-second window; past
-    that, requests get the latest generated response for the same request shape. A normal
-    scraper (every 1-60 s) always gets a fresh one."""
+    of the GIL. A request gets a freshly generated exposition when its request shape has none
+    yet, when the cached one is older than ``max_age`` seconds, or when the statistics changed
+    since and fewer than ``per_second`` were generated in the last second; otherwise it gets the
+    cached response. A normal scraper (every 1-60 s) always gets a fresh one."""
 
-    def __init__(self, per_second: int = 10) -> None:
+    def __init__(
+        self, version: Callable[[], object], per_second: int = 10, max_age: float = 0.1
+    ) -> None:
+        self.version = version
         self.per_second = per_second
+        self.max_age = max_age
         self._lock = threading.Lock()
         self._recent: list[float] = []
-        self._cache: dict[tuple, tuple[str, list, bytes]] = {}
+        self._cache: dict[tuple, tuple[float, object, str, list, bytes]] = {}
 
     def serve(self, app: Callable, environ: dict, start_response: Callable) -> list[bytes]:
         key = (
@@ -76,11 +82,15 @@ class ScrapeBudget:
             environ.get("HTTP_ACCEPT", ""),
             environ.get("HTTP_ACCEPT_ENCODING", ""),
         )
-        now = time.monotonic()
+        now, version = time.monotonic(), self.version()
         with self._lock:
             self._recent = [t for t in self._recent if now - t < 1.0]
             cached = self._cache.get(key)
-            fresh = cached is None or len(self._recent) < self.per_second
+            fresh = (
+                cached is None
+                or now - cached[0] >= self.max_age
+                or (cached[1] != version and len(self._recent) < self.per_second)
+            )
             if fresh:
                 self._recent.append(now)
         if fresh:
@@ -90,12 +100,12 @@ class ScrapeBudget:
                 captured["status"], captured["headers"] = status, headers
 
             body = b"".join(app(environ, capture))
-            cached = (captured["status"], captured["headers"], body)
+            cached = (now, version, captured["status"], captured["headers"], body)
             with self._lock:
-                if len(self._cache) > 32:  # bounded: request shapes are attacker-controlled
+                if len(self._cache) > 32:  # bounded: request shapes are the client's choice
                     self._cache.clear()
                 self._cache[key] = cached
-        status, headers, body = cached
+        _, _, status, headers, body = cached
         start_response(status, headers)
         return [body]
 
@@ -132,15 +142,60 @@ class _PinningRegistry(CollectorRegistry):
     """Pins one snapshot of every watch before each collection, so that all the samples of a
     scrape belong to the same step (instrument callbacks run one after another)."""
 
-    def __init__(self, pin: Callable[[], None]) -> None:
+    def __init__(self, pin: Callable[[], None], lock: threading.Lock) -> None:
         super().__init__(auto_describe=True)
         self._pin = pin
-        self._collect_lock = threading.Lock()
+        self._collect_lock = lock
 
     def collect(self):
         with self._collect_lock:
             self._pin()
             yield from super().collect()
+
+
+class _PinningPeriodicReader(PeriodicExportingMetricReader):
+    """OTLP push: the same pinning as a scrape, under the same lock."""
+
+    def __init__(self, exporter, pin: Callable[[], None], lock: threading.Lock, **kw) -> None:
+        super().__init__(exporter, **kw)
+        self._pin = pin
+        self._pin_lock = lock
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        with self._pin_lock:
+            self._pin()
+            super().collect(timeout_millis=timeout_millis)
+
+
+def make_resource(config: Config) -> Resource:
+    """Resource of this process: OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME are honoured
+    (service.name defaults to "gradwatch"); rank, local_rank and world_size always come from
+    the launcher's variables, never from a copy of OTEL_RESOURCE_ATTRIBUTES shared by ranks."""
+    from_env = OTELResourceDetector().detect().attributes
+    attrs: dict[str, str] = {}
+    if not from_env.get("service.name"):
+        attrs["service.name"] = "gradwatch"
+    attrs.update(
+        {
+            "rank": str(config.rank),
+            "local_rank": str(config.local_rank),
+            "world_size": str(config.world_size),
+        }
+    )
+    return Resource.create(attrs)
+
+
+def otlp_reader(pin: Callable[[], None], lock: threading.Lock) -> PeriodicExportingMetricReader:
+    """OTLP/HTTP push, configured by the standard OTEL_EXPORTER_OTLP_* variables and
+    OTEL_METRIC_EXPORT_INTERVAL (read by the OpenTelemetry SDK itself)."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError as exc:
+        raise RuntimeError(
+            "OTEL_METRICS_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-http"
+            " (pip install 'gradwatch[otlp]')"
+        ) from exc
+    return _PinningPeriodicReader(OTLPMetricExporter(), pin, lock)
 
 
 class Exporter:
@@ -151,26 +206,27 @@ class Exporter:
         self.config = config
         self.thresholds = Thresholds(config.vanishing_threshold, config.exploding_threshold)
         self._pinned: list = []
-        self.registry = _PinningRegistry(self.pin)
+        lock = threading.Lock()
+        self.registry = _PinningRegistry(self.pin, lock)
+        self.pull = "prometheus" in config.exporters
+        readers = []
         self.reader = PrometheusMetricReader(
             scope_info_enabled=False,
             resource_attribute_filter=lambda key: key in RANK_LABELS,
             registry=self.registry,
         )
-        resource = Resource.create(
-            {
-                "service.name": "gradwatch",
-                "rank": str(config.rank),
-                "local_rank": str(config.local_rank),
-                "world_size": str(config.world_size),
-            }
-        )
+        if self.pull:
+            readers.append(self.reader)
+        self.push = otlp_reader(self.pin, lock) if "otlp" in config.exporters else None
+        if self.push is not None:
+            readers.append(self.push)
+        self.resource = make_resource(config)
         self.provider = MeterProvider(
-            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False
+            resource=self.resource, metric_readers=readers, shutdown_on_exit=False
         )  # our close() shuts it down
         meter = self.provider.get_meter("gradwatch", __version__)
         for stat in catalog.CATALOG:
-            if stat.scope == catalog.PARAM and not config.per_param:
+            if stat.scope == catalog.PARAM and not config.per_param_here:
                 continue
             kind = ObservableCounter if stat.instrument == "counter" else ObservableGauge
             factory = (
@@ -187,9 +243,19 @@ class Exporter:
         self.server: _Server | None = None
         self.thread: threading.Thread | None = None
         self._restarts = 0
-        self.budget = ScrapeBudget()
+        self.budget = ScrapeBudget(self._version)
 
     # ---- values ----
+    def _version(self) -> tuple:
+        """Changes whenever anything a scrape shows may have changed."""
+        return (
+            tuple(
+                (w.steps, w.collected_steps, w.dropped_steps, w.amp_skipped_steps)
+                for w in self.session.watches()
+            ),
+            sum(self.session.errors.counts.values()),
+        )
+
     def pin(self) -> None:
         """Take the consistent per-watch snapshots the next callbacks read."""
         try:
@@ -252,6 +318,12 @@ class Exporter:
     # ---- endpoint ----
     def start_server(self, port: int | None = None) -> None:
         """Serve /metrics on ``port`` (default: the configured one; 0 picks a free port)."""
+        if not self.pull:
+            log.info(
+                "gradwatch: OTEL_METRICS_EXPORTER=%s: no /metrics endpoint",
+                ",".join(self.config.exporters) or "none",
+            )
+            return
         host = self.config.host
         port = self.config.serve_port if port is None else port
         if host in ("0.0.0.0", "::", ""):

@@ -148,6 +148,7 @@ class Session:
             except Exception as exc:  # noqa: BLE001
                 self._exporter_failed = True
                 self.errors.record("export", exc)
+                self._discovery(0)
                 return
             try:
                 exporter.start_server()
@@ -161,6 +162,26 @@ class Session:
                     exc,
                 )
             self.exporter = exporter
+            self._discovery(exporter.port)
+
+    def _discovery(self, port: int) -> None:
+        """GRADWATCH_FILE_SD: every rank takes part in the gather (even without an endpoint, so
+        that no rank waits for it); rank 0 writes the file_sd target file."""
+        cfg = self.config
+        if not cfg.file_sd:
+            return
+        try:
+            from . import distributed
+
+            targets = distributed.gather_targets(
+                cfg.host, port, cfg.rank, cfg.local_rank, cfg.world_size
+            )
+            if cfg.rank == 0:
+                live = [t for t in targets if not t["targets"][0].endswith(":0")]
+                distributed.write_file_sd(cfg.file_sd, live)
+                log.info("gradwatch: wrote %d scrape targets to %s", len(live), cfg.file_sd)
+        except Exception as exc:  # noqa: BLE001 - discovery never stops training
+            self.errors.record("server", exc)
 
     # ---- GradScaler: count the steps it skips ----
     def _patch_grad_scaler(self) -> None:
