@@ -20,6 +20,7 @@ BAD = {
     "GRADWATCH_VANISHING_THRESHOLD": ["", "abc", "-1e-7", "inf", "nan", "1e999", "٣"],
     "GRADWATCH_EXPLODING_THRESHOLD": ["", "abc", "0", "-3", "inf", "nan"],
     "GRADWATCH_BACKEND": ["", "cuda", "fast", "nätive"],
+    "GRADWATCH_UPDATE_EVERY": BAD_VALUES + ["1.5", "-3", "ten"],
     "LOCAL_RANK": ["x", "-1"],
 }
 
@@ -51,6 +52,7 @@ def test_defaults_and_good_values():
             "GRADWATCH_VANISHING_THRESHOLD": "0",
             "GRADWATCH_EXPLODING_THRESHOLD": "1e4",
             "GRADWATCH_BACKEND": "TORCH",
+            "GRADWATCH_UPDATE_EVERY": "0",
             "LOCAL_RANK": "3",
             "RANK": "11",
             "WORLD_SIZE": "16",
@@ -60,6 +62,7 @@ def test_defaults_and_good_values():
     assert cfg.groups == (("host", ("host.",)), ("seed", ("seed.", "stem.")))
     assert (cfg.every, cfg.per_param, cfg.max_params, cfg.backend) == (10, True, 20, "torch")
     assert (cfg.rank, cfg.world_size) == (11, 16)
+    assert cfg.update_every == 0 and Config().update_every == 10
     for off in ("0", "false", "No", "OFF"):
         assert from_env({"GRADWATCH": off}).enabled is False
 
@@ -76,6 +79,7 @@ def test_watch_arguments_are_validated_like_env():
         {"port": 70000},
         {"backend": "gpu"},
         {"max_params": 0},
+        {"update_every": -1},
         {"exploding_threshold": float("inf")},
         {"host": "no such host!"},
     ):

@@ -94,6 +94,14 @@ SETTINGS: tuple[Setting, ...] = (
         "A tensor whose gradient L2 norm is above this counts in `grad_tensors_exploding`.",
     ),
     Setting(
+        "GRADWATCH_UPDATE_EVERY",
+        "10",
+        "integer >= 0 (0: off)",
+        "Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
+        " `update_*` and `param_*` statistics. Costs one fp32 copy of the parameters with"
+        " gradients, held from the step's pre-hook to its post-hook.",
+    ),
+    Setting(
         "GRADWATCH_BACKEND",
         "auto",
         "auto, native, torch, triton",
@@ -117,6 +125,7 @@ class Config:
     vanishing_threshold: float = 1e-7
     exploding_threshold: float = 1e2
     backend: str = "auto"
+    update_every: int = 10
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
@@ -222,6 +231,8 @@ def validate(cfg: Config) -> None:
         raise SettingError("port", cfg.port, "an integer from 0 to 65535")
     if not (isinstance(cfg.max_params, int) and cfg.max_params >= 1):
         raise SettingError("max_params", cfg.max_params, "an integer >= 1")
+    if not (isinstance(cfg.update_every, int) and cfg.update_every >= 0):
+        raise SettingError("update_every", cfg.update_every, "an integer >= 0")
     if cfg.backend not in BACKENDS:
         raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
     if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
@@ -258,6 +269,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         kw["vanishing_threshold"] = parse_float("GRADWATCH_VANISHING_THRESHOLD", raw, 0.0, True)
     if (raw := env.get("GRADWATCH_EXPLODING_THRESHOLD")) is not None:
         kw["exploding_threshold"] = parse_float("GRADWATCH_EXPLODING_THRESHOLD", raw, 0.0, False)
+    if (raw := env.get("GRADWATCH_UPDATE_EVERY")) is not None:
+        kw["update_every"] = parse_int("GRADWATCH_UPDATE_EVERY", raw, 0, 10**9)
     if (raw := env.get("GRADWATCH_BACKEND")) is not None:
         if raw.strip().lower() not in BACKENDS:
             raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))

@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
@@ -28,6 +29,22 @@ from .config import Config
 log = logging.getLogger("gradwatch")
 
 RANK_LABELS = ("rank", "local_rank", "world_size")
+
+# Buckets of grad_l2_norm_per_step: 1, 2, 5 per decade from 1e-8 to 1e4 (explicit buckets: the
+# Python Prometheus exporter cannot serve exponential histograms).
+NORM_BUCKETS = tuple(
+    float(f"{m}e{e}") for e in range(-8, 5) for m in (1, 2, 5) if float(f"{m}e{e}") <= 1e4
+)
+
+# Statistics of the sampled parameter update: (what, scope) of UpdateReadout.values().
+_UPDATE_STATS = {
+    "param_l2_norm": ("param", False),
+    "update_l2_norm": ("update", False),
+    "update_to_param_ratio": ("ratio", False),
+    "param_group_l2_norm": ("param", True),
+    "update_group_l2_norm": ("update", True),
+    "update_group_to_param_ratio": ("ratio", True),
+}
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -93,12 +110,28 @@ class Exporter:
                 "world_size": str(config.world_size),
             }
         )
+        histograms = [s for s in catalog.CATALOG if s.instrument == "histogram"]
+        views = [
+            View(
+                instrument_name=s.otel_name,
+                aggregation=ExplicitBucketHistogramAggregation(NORM_BUCKETS, record_min_max=False),
+            )
+            for s in histograms
+        ]
         self.provider = MeterProvider(
-            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False
+            resource=resource, metric_readers=[self.reader], shutdown_on_exit=False, views=views
         )  # our close() shuts it down
         meter = self.provider.get_meter("gradwatch", __version__)
+        self._histograms = {
+            s.prom_name: meter.create_histogram(
+                s.otel_name, unit=s.unit, description=s.description(self.thresholds)
+            )
+            for s in histograms
+        }
         for stat in catalog.CATALOG:
             if stat.scope == catalog.PARAM and not config.per_param:
+                continue
+            if stat.instrument == "histogram":
                 continue
             kind = ObservableCounter if stat.instrument == "counter" else ObservableGauge
             factory = (
@@ -119,10 +152,18 @@ class Exporter:
     def pin(self) -> None:
         """Take the consistent per-watch snapshots the next callbacks read."""
         try:
-            self._pinned = [(w.index, w.snapshot()) for w in self.session.watches()]
+            self._pinned = [(w.index, w.snapshot(drain=True)) for w in self.session.watches()]
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
             self._pinned = []
+        try:  # every step's norm since the previous scrape goes into the histogram
+            hist = self._histograms.get("grad_l2_norm_per_step")
+            for index, snap in self._pinned:
+                attrs = {"optimizer": index}
+                for v in snap.norms_since_last:
+                    hist.record(v, attrs)
+        except Exception as exc:  # noqa: BLE001
+            self.session.errors.record("export", exc)
 
     def _callback(self, stat: Statistic) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
@@ -157,6 +198,17 @@ class Exporter:
                 v = snap.nonfinite_steps
             elif name == "amp_skipped_steps_total":
                 v = snap.amp_skipped_steps
+            elif name == "grad_clipped_steps_total":
+                v = snap.clipped_steps
+            elif name == "grad_l2_norm_max_since_last_scrape":
+                v = snap.max_norm_since_last
+            elif name in _UPDATE_STATS or name == "update_stats_step":
+                out += self._update_values(name, labels, snap.update)
+                continue
+            elif stat.scope == catalog.TRAINING:
+                if snap.readout is not None:
+                    out += self._training_values(name, labels, snap.readout)
+                continue
             else:
                 readout = snap.readout
                 if readout is None:
@@ -174,6 +226,46 @@ class Exporter:
             if v is not None and math.isfinite(v):
                 out.append((labels, float(v)))
         return out
+
+    @staticmethod
+    def _training_values(name: str, labels: dict, readout) -> list[tuple[dict[str, str], float]]:
+        ctx = readout.context
+        if name == "grad_preclip_l2_norm":
+            values = [(labels, ctx.get("preclip_norm", math.nan))]
+        elif name == "grad_clip_coefficient_ratio":
+            values = [(labels, readout.clip_coefficient)]
+        elif name == "amp_loss_scale":
+            values = [(labels, ctx.get("loss_scale", math.nan))]
+        elif name == "optimizer_learning_rate":
+            values = [
+                ({**labels, "param_group": key[3:]}, v)
+                for key, v in ctx.items()
+                if key.startswith("lr:")
+            ]
+        elif name == "grad_nonfinite_param_info":
+            values = [
+                ({**labels, "param": p, "position": str(i)}, 1.0)
+                for i, p in enumerate(readout.nonfinite_params)
+            ]
+        else:
+            values = []
+        return [(a, float(v)) for a, v in values if math.isfinite(v)]
+
+    @staticmethod
+    def _update_values(name: str, labels: dict, update) -> list[tuple[dict[str, str], float]]:
+        if update is None:
+            return []
+        if name == "update_stats_step":
+            return [(labels, float(update.step))]
+        what, per_group = _UPDATE_STATS[name]
+        if per_group:
+            values = [
+                ({**labels, "group": g}, update.values(what, rows))
+                for g, rows in update.layout.group_rows.items()
+            ]
+        else:
+            values = [(labels, update.values(what))]
+        return [(a, float(v)) for a, v in values if math.isfinite(v)]
 
     # ---- endpoint ----
     def start_server(self) -> None:
