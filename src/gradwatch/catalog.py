@@ -496,8 +496,10 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="grad_nonfinite_param_info",
         instrument="gauge",
         unit="{info}",
-        formula="Always 1, one series per parameter whose gradient held NaN/Inf in the last"
-        " collected step: the first 5 in the optimizer's parameter order (position 0-4).",
+        formula="Always 1, one series per parameter whose gradient held NaN/Inf in the most"
+        " recent collected step that held any (kept after later finite steps, so that a"
+        " one-step incident outlives it; see grad_nonfinite_steps_total): the first 5 in the"
+        " optimizer's parameter order (position 0-4).",
         scope=TRAINING,
         across_tensors="-",
         across_ranks="per rank",

@@ -150,6 +150,7 @@ class WatchSnapshot:
     max_norm_since_last: float = math.nan
     norms_since_last: tuple[float, ...] = ()
     update: UpdateReadout | None = None
+    last_nonfinite: Readout | None = None  # the latest collected step that held NaN/Inf
 
 
 @dataclass
@@ -257,6 +258,7 @@ class OptimizerWatch:
         self.clipped_steps = 0
         self.collect_seconds = math.nan
         self.latest: Readout | None = None
+        self.last_nonfinite: Readout | None = None
         self.backend_names: set[str] = set()
         self.scaler = None  # the GradScaler whose step() called this optimizer (set by session)
         self._norms: deque[float] = deque(maxlen=PENDING_NORMS)  # finite per-step norms
@@ -564,6 +566,7 @@ class OptimizerWatch:
                 max(norms) if norms else math.nan,
                 norms,
                 self.latest_update,
+                self.last_nonfinite,
             )
 
     def flush(self, timeout: float = 5.0) -> None:
@@ -591,6 +594,7 @@ class OptimizerWatch:
             self.collected_steps += 1
             if readout.nonfinite:
                 self.nonfinite_steps += 1
+                self.last_nonfinite = readout
             else:
                 self._norms.append(readout.total_norm)
             if clipped:

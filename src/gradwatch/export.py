@@ -205,6 +205,10 @@ class Exporter:
             elif name in _UPDATE_STATS or name == "update_stats_step":
                 out += self._update_values(name, labels, snap.update)
                 continue
+            elif name == "grad_nonfinite_param_info":
+                if snap.last_nonfinite is not None:
+                    out += self._training_values(name, labels, snap.last_nonfinite)
+                continue
             elif stat.scope == catalog.TRAINING:
                 if snap.readout is not None:
                     out += self._training_values(name, labels, snap.readout)
