@@ -36,6 +36,7 @@ def test_units_follow_the_rules():
         assert (s.unit == "1") == s.prom_name.endswith("_ratio"), s.prom_name
         assert s.unit in ("1", "s") or re.fullmatch(r"\{[a-z]+\}", s.unit), s.unit
         assert s.prom_name.endswith("_total") == (s.instrument == "counter"), s.prom_name
+        assert s.instrument in ("gauge", "counter", "histogram"), s.prom_name
         assert not s.prom_name.endswith(("_count", "_sum", "_bucket")), s.prom_name
         assert s.formula.strip() and "\n" not in s.formula
         assert (s.compute is not None) == (
@@ -62,11 +63,20 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_exposition_names_help_and_units_come_from_the_catalog():
     """The exporter derives each Prometheus name from otel_name + unit: it must equal prom_name."""
-    model = torch.nn.Linear(3, 2)
+    model, broken = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, port=0, per_param=True, backend="torch") as h:
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
+    opt_broken = torch.optim.SGD(broken.parameters(), lr=0.1)  # NaN grads: names them
+    scaler = torch.amp.GradScaler("cpu")
+    with gradwatch.watch(
+        [model, broken], [opt, opt_broken], port=0, per_param=True, backend="torch"
+    ) as h:
+        scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        broken(torch.ones(1, 2)).sum().backward()
+        broken.weight.grad[0, 0] = float("nan")
+        opt_broken.step()
         h.session.errors.record("probe", RuntimeError("test"))  # makes errors_total appear
         text = fetch(h.port)
     helps = help_texts(text)
@@ -75,6 +85,7 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
         family = s.prom_name.removesuffix("_total") if s.instrument == "counter" else s.prom_name
         assert family in helps, f"{s.prom_name} missing from the exposition"
         assert helps[family] == s.description(), s.prom_name
-        assert s.prom_name in samples, s.prom_name
+        sample = s.prom_name + ("_count" if s.instrument == "histogram" else "")
+        assert sample in samples, s.prom_name
     # no scope labels (they bloat every series); ranks always there
     assert "otel_scope_name" not in text

@@ -28,6 +28,7 @@ BAD = {
     "GRADWATCH_PER_PARAM_RANKS": ["", ",", "0,", "-1", "x", "0;1", "alle", "1.5", "٣"],
     "GRADWATCH_FILE_SD": ["", "  ", "/tmp/targets/", "a\0b"],
     "OTEL_METRICS_EXPORTER": ["", "otel", "otlp,zipkin", "none,otlp", "prom"],
+    "GRADWATCH_UPDATE_EVERY": BAD_VALUES + ["1.5", "-3", "ten"],
     "LOCAL_RANK": ["x", "-1"],
 }
 
@@ -63,6 +64,7 @@ def test_defaults_and_good_values():
             "GRADWATCH_PER_PARAM_RANKS": "3, 0,3",
             "GRADWATCH_FILE_SD": "/tmp/gradwatch.json",
             "OTEL_METRICS_EXPORTER": "otlp, prometheus",
+            "GRADWATCH_UPDATE_EVERY": "0",
             "LOCAL_RANK": "3",
             "RANK": "11",
             "WORLD_SIZE": "16",
@@ -77,6 +79,7 @@ def test_defaults_and_good_values():
     assert not cfg.per_param_here  # rank 11 is not in 0,3
     assert from_env({"GRADWATCH_PER_PARAM_RANKS": "all"}).per_param_ranks is None
     assert from_env({"OTEL_METRICS_EXPORTER": "none"}).exporters == ()
+    assert cfg.update_every == 0 and Config().update_every == 10
     for off in ("0", "false", "No", "OFF"):
         assert from_env({"GRADWATCH": off}).enabled is False
 
@@ -93,6 +96,7 @@ def test_watch_arguments_are_validated_like_env():
         {"port": 70000},
         {"backend": "gpu"},
         {"max_params": 0},
+        {"update_every": -1},
         {"exploding_threshold": float("inf")},
         {"host": "no such host!"},
     ):

@@ -391,8 +391,15 @@ def test_otlp_push_names_equal_the_pull_names(monkeypatch):
     res = {a.key: a.value.string_value for a in rm.resource.attributes}
     assert res["service.name"] == "pusher" and res["rank"] == "0"
     metrics = {m.name: m for sm in rm.scope_metrics for m in sm.metrics}
-    names = {prometheus_name_from_otlp(m) for m in metrics.values()}
-    assert names == {s.prom_name for s in catalog.CATALOG}
+    by_otel = {s.otel_name: s for s in catalog.CATALOG}
+    for name, m in metrics.items():  # Prometheus' OTLP translation gives exactly the pull name
+        assert prometheus_name_from_otlp(m) == by_otel[name].prom_name, name
+    # Every statistic is pushed, except the training-health signals of loop features this
+    # loop does not use (clipping, GradScaler, NaN incidents: see tests/test_signals.py).
+    pushed = {by_otel[n].prom_name for n in metrics}
+    expected = {s.prom_name for s in catalog.CATALOG if s.scope != catalog.TRAINING}
+    assert expected <= pushed
+    assert pushed - expected <= {s.prom_name for s in catalog.CATALOG}
     (point,) = metrics["grad.l2_norm"].gauge.data_points
     assert point.as_double == pytest.approx(want["grad_l2_norm"], rel=1e-12)
     assert math.isfinite(point.as_double)

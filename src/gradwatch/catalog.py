@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,10 @@ NONFINITE_KINDS = ("nan", "inf")
 # Scopes: which set of gradients (or which part of gradwatch) a statistic describes.
 # RANK: this rank's own local gradients (its shards), before any combination across ranks.
 GLOBAL, GROUP, PARAM, RANK, SELF = "global", "group", "param", "rank", "self"
+# Training-health signals that are not functions of the gradient partials: values the training
+# loop computed (clip norm, loss scale, learning rate), per-step history between scrapes, and the
+# sampled parameter-update statistics. Exported by name in export.py, never via ``compute``.
+TRAINING = "training"
 
 # A value is either a plain number or one number per value of the statistic's extra label.
 Value = float | Mapping[str, float]
@@ -102,7 +106,7 @@ class Statistic:
 
     otel_name: str
     prom_name: str
-    instrument: str  # "gauge" | "counter"
+    instrument: str  # "gauge" | "counter" | "histogram"
     unit: str
     formula: str
     scope: str
@@ -112,6 +116,9 @@ class Statistic:
     label_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     compute: Callable[[Aggregate, Thresholds], Value] | None = None
     default_on: bool = True
+
+    def with_unit(self, unit: str) -> Statistic:
+        return replace(self, unit=unit)
 
     def description(self, thresholds: Thresholds | None = None) -> str:
         """HELP text: the formula with the thresholds in force substituted."""
@@ -431,6 +438,199 @@ CATALOG: tuple[Statistic, ...] = (
         labels=("kind",),
         label_values={"kind": NONFINITE_KINDS},
         compute=_nonfinite_by_kind,
+    ),
+    # ---- training-health signals (issue 6): clipping, AMP, learning rate, updates, history ----
+    # Kept in one section so that other branches' catalog edits merge cleanly around it.
+    _magnitude(
+        "grad.tensor_l2_norm_max_to_min_ratio",
+        "grad_tensor_l2_norm_max_to_min_ratio",
+        GLOBAL,
+        "Spread of the per-tensor L2 norms: max over tensors i of ||g_i|| / min over tensors i"
+        " of ||g_i||. Absent when the smallest is 0.",
+        lambda a: (a.tensor_norms().max() / m) if (m := a.tensor_norms().min()) > 0 else math.nan,
+        across_tensors="max and min over tensors of each tensor's own L2 norm, then divided",
+    ).with_unit("1"),
+    Statistic(
+        otel_name="grad.preclip_l2_norm",
+        prom_name="grad_preclip_l2_norm",
+        instrument="gauge",
+        unit="{gradient}",
+        formula="Total L2 norm of the gradients before clipping: the norm"
+        " torch.nn.utils.clip_grad_norm_ (norm_type 2) returned in the collected step (its last"
+        " call before the step); absent in steps the loop did not clip.",
+        scope=TRAINING,
+        across_tensors="computed by clip_grad_norm_ (foreach norms, stacked, norm of norms)",
+        across_ranks="as clip_grad_norm_ computed it on the rank",
+    ),
+    Statistic(
+        otel_name="grad.clip_coefficient_ratio",
+        prom_name="grad_clip_coefficient_ratio",
+        instrument="gauge",
+        unit="1",
+        formula="Clipping coefficient clip_grad_norm_ applied in the collected step:"
+        " min(1, max_norm / (grad_preclip_l2_norm + 1e-6)), evaluated in float64; 1 means not"
+        " clipped. Absent in steps the loop did not clip.",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="as clip_grad_norm_ computed it on the rank",
+    ),
+    Statistic(
+        otel_name="grad.clipped_steps",
+        prom_name="grad_clipped_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Collected steps in which clip_grad_norm_ scaled the gradients down"
+        " (grad_clip_coefficient_ratio < 1).",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="amp.loss_scale",
+        prom_name="amp_loss_scale",
+        instrument="gauge",
+        unit="{factor}",
+        formula="Loss scale of torch.amp.GradScaler in the collected step: the factor the loss"
+        " was multiplied by before backward (before this step's update of the scale).",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="optimizer.learning_rate",
+        prom_name="optimizer_learning_rate",
+        instrument="gauge",
+        unit="{lr}",
+        formula="Learning rate of optimizer param group param_group in the collected step:"
+        ' param_groups[param_group]["lr"] as the optimizer is about to apply it.',
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
+        labels=("param_group",),
+    ),
+    Statistic(
+        otel_name="grad.nonfinite_param_info",
+        prom_name="grad_nonfinite_param_info",
+        instrument="gauge",
+        unit="{info}",
+        formula="Always 1, one series per parameter whose gradient held NaN/Inf in the most"
+        " recent collected step that held any (kept after later finite steps, so that a"
+        " one-step incident outlives it; see grad_nonfinite_steps_total): the first 5 in the"
+        " optimizer's parameter order (position 0-4).",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
+        labels=("param", "position"),
+    ),
+    Statistic(
+        otel_name="grad.l2_norm_per_step",
+        prom_name="grad_l2_norm_per_step",
+        instrument="histogram",
+        unit="{gradient}",
+        formula="Histogram of grad_l2_norm over every collected step with finite gradients"
+        " (buckets 1e-8 to 1e4, 3 per decade): no step between two scrapes is missed.",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors, then sqrt",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="grad.l2_norm_max_since_last_scrape",
+        prom_name="grad_l2_norm_max_since_last_scrape",
+        instrument="gauge",
+        unit="{gradient}",
+        formula="Largest grad_l2_norm of the finite collected steps since the previous scrape of"
+        " this endpoint (by any scraper); absent when no such step was collected since.",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors, then sqrt; max over steps",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="param.l2_norm",
+        prom_name="param_l2_norm",
+        instrument="gauge",
+        unit="{weight}",
+        formula="L2 norm of the parameters after the sampled step: sqrt(sum of theta_t^2)"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors, then sqrt",
+        across_ranks="per rank (the rank's parameters or shards)",
+    ),
+    Statistic(
+        otel_name="update.l2_norm",
+        prom_name="update_l2_norm",
+        instrument="gauge",
+        unit="{weight}",
+        formula="L2 norm of the update the optimizer applied:"
+        " sqrt(sum of (theta_t - theta_(t-1))^2),"
+        " differenced in fp32 or wider from an fp32 snapshot taken at the pre-step hook,"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors, then sqrt",
+        across_ranks="per rank (the rank's parameters or shards)",
+    ),
+    Statistic(
+        otel_name="update.to_param_ratio",
+        prom_name="update_to_param_ratio",
+        instrument="gauge",
+        unit="1",
+        formula="Relative update size: update_l2_norm / param_l2_norm of the same step,"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="ratio of the two totals",
+        across_ranks="per rank (the rank's parameters or shards)",
+    ),
+    Statistic(
+        otel_name="param.group.l2_norm",
+        prom_name="param_group_l2_norm",
+        instrument="gauge",
+        unit="{weight}",
+        formula="L2 norm of the group's parameters after the sampled step: sqrt(sum of theta_t^2)"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="sum of squares over the group's tensors, then sqrt",
+        across_ranks="per rank (the rank's parameters or shards)",
+        labels=("group",),
+    ),
+    Statistic(
+        otel_name="update.group.l2_norm",
+        prom_name="update_group_l2_norm",
+        instrument="gauge",
+        unit="{weight}",
+        formula="L2 norm of the group's update: sqrt(sum of (theta_t - theta_(t-1))^2)"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="sum of squares over the group's tensors, then sqrt",
+        across_ranks="per rank (the rank's parameters or shards)",
+        labels=("group",),
+    ),
+    Statistic(
+        otel_name="update.group.to_param_ratio",
+        prom_name="update_group_to_param_ratio",
+        instrument="gauge",
+        unit="1",
+        formula="Relative update size of the group: update_group_l2_norm / param_group_l2_norm,"
+        " over the parameters with a gradient (in the optimizer's param groups), at the last"
+        " sampled step (every GRADWATCH_UPDATE_EVERY-th, see update_stats_step).",
+        scope=TRAINING,
+        across_tensors="ratio of the two group totals",
+        across_ranks="per rank (the rank's parameters or shards)",
+        labels=("group",),
+    ),
+    Statistic(
+        otel_name="update.stats_step",
+        prom_name="update_stats_step",
+        instrument="gauge",
+        unit="{step}",
+        formula="Optimizer step that the update_* and param_* gauges belong to (the last step"
+        " sampled: every GRADWATCH_UPDATE_EVERY-th, steps 1, N+1, ...).",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="identical on every rank",
     ),
     # ---- gradwatch's own cost and health ----
     Statistic(

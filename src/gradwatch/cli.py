@@ -101,6 +101,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not handle.enabled:
         print("gradwatch is off (GRADWATCH=0 or a bad setting); the demo trains without it")
     true_w = torch.randn(16)
+    # --amp: torch.amp.GradScaler (works on the CPU too): shows amp_loss_scale
+    scaler = (
+        torch.amp.GradScaler("cpu" if not torch.cuda.is_available() else "cuda")
+        if args.amp
+        else None
+    )
     steps = math.inf if args.steps == 0 else args.steps
     step = 0
     interactive = sys.stdout.isatty()
@@ -113,7 +119,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             y = x @ true_w + 0.1 * torch.randn(args.batch)
             loss = torch.nn.functional.mse_loss(model(tokens, x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # clip (and inject) on unscaled gradients
+            else:
+                loss.backward()
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             if args.nan_at and step == args.nan_at:
@@ -123,11 +133,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     copy.deepcopy(opt.state_dict()),
                 )
                 model.seed[0].weight.grad[0, 0] = float("nan")
-                opt.step()
+                scaler.step(opt) if scaler is not None else opt.step()
                 model.load_state_dict(saved[0])
                 opt.load_state_dict(saved[1])
             else:
-                opt.step()
+                scaler.step(opt) if scaler is not None else opt.step()
+            if scaler is not None:
+                scaler.update()
             if handle.enabled and (step == 1 or step % 10 == 0 or step == steps):
                 line = _status_line(handle, step, steps, loss.item(), stats)
                 if interactive:
@@ -183,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--clip", type=float, default=0.0, help="max_norm for clip_grad_norm_ (0: no clipping)"
     )
+    demo.add_argument("--amp", action="store_true", help="scale the loss with torch.amp.GradScaler")
     demo.set_defaults(func=_cmd_demo)
 
     cat = sub.add_parser("catalog", help="print every exported metric with its formula")

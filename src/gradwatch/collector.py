@@ -35,6 +35,9 @@ from .kernels.dispatch import Backend, select_backend
 log = logging.getLogger("gradwatch")
 
 RING_SLOTS = 2  # results in flight per device before a new sample is dropped
+NONFINITE_NAMES = 5  # params named in grad_nonfinite_param_info and the incident log line
+INCIDENT_LOG_INTERVAL_S = 60.0  # at most one non-finite incident line per this many seconds
+PENDING_NORMS = 1 << 16  # per-step norms kept for the histogram between two scrapes
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Readout:
         layout: Layout,
         partials: np.ndarray,
         numel: np.ndarray,
+        context: dict[str, float] | None = None,
         local: np.ndarray | None = None,
     ) -> None:
         self.step = step
@@ -69,6 +73,29 @@ class Readout:
         self.partials = partials  # combined across ranks when distributed combining is on
         self.numel = numel
         self.local = partials if local is None else local  # this rank's own shards, uncombined
+        # Per-step values the loop computed (see StepContext keys): loss_scale, preclip_norm,
+        # clip_max_norm, lr:<group>. Missing key: not known for this step.
+        self.context = context or {}
+
+    @functools.cached_property
+    def total_norm(self) -> float:
+        """grad_l2_norm of this step (NaN if the step held NaN/Inf)."""
+        return math.nan if self.nonfinite else math.sqrt(float(self.partials[:, SUMSQ].sum()))
+
+    @functools.cached_property
+    def clip_coefficient(self) -> float:
+        norm, max_norm = self.context.get("preclip_norm"), self.context.get("clip_max_norm")
+        if norm is None or max_norm is None or math.isnan(norm):
+            return math.nan
+        return min(1.0, max_norm / (norm + 1e-6))  # as clip_grad_norm_ computes it
+
+    @functools.cached_property
+    def nonfinite_params(self) -> list[str]:
+        """Names of the params whose gradient held NaN/Inf, first NONFINITE_NAMES, in order."""
+        if not self.nonfinite:
+            return []
+        rows = np.flatnonzero((self.partials[:, NAN] > 0) | (self.partials[:, INF] > 0))
+        return [self.layout.names[i] for i in rows[:NONFINITE_NAMES]]
 
     def aggregate(self, rows: np.ndarray | slice = slice(None), local: bool = False) -> Aggregate:
         p = (self.local if local else self.partials)[rows]
@@ -123,6 +150,11 @@ class WatchSnapshot:
     amp_skipped_steps: int
     dropped_steps: int
     collect_seconds: float
+    clipped_steps: int = 0
+    max_norm_since_last: float = math.nan
+    norms_since_last: tuple[float, ...] = ()
+    update: UpdateReadout | None = None
+    last_nonfinite: Readout | None = None  # the latest collected step that held NaN/Inf
 
 
 @dataclass
@@ -130,9 +162,11 @@ class _InFlight:
     step: int
     layout: Layout
     numel: np.ndarray
-    host: torch.Tensor  # pinned [T*6 + 2 (+ T*6)]: partials, grad scale, found_inf (, local)
+    host: torch.Tensor  # pinned [T*6 + K]: partials, then the K device context values
     done: torch.cuda.Event
-    combined: bool = False
+    context: dict[str, float]  # host-known context values
+    device_keys: tuple[str, ...]  # names of the K device context values
+    combined: bool = False  # host also holds this rank's uncombined partials after the K values
 
 
 class ErrorLog:
@@ -171,6 +205,33 @@ def _param_names(models: Iterable[torch.nn.Module]) -> dict[int, str]:
     return names
 
 
+@dataclass(frozen=True)
+class ClipRecord:
+    """One call of clip_grad_norm_ (norm_type 2): its returned total norm, kept without a sync."""
+
+    param_ids: frozenset[int]
+    norm: torch.Tensor  # the 0-dim tensor clip_grad_norm_ returned (device tensor on CUDA)
+    max_norm: float
+
+
+class UpdateReadout:
+    """Partials of theta_t - theta_(t-1) (``delta``) and of theta_t (``param``) of one step."""
+
+    def __init__(self, step: int, layout: Layout, delta: np.ndarray, param: np.ndarray) -> None:
+        self.step, self.layout, self.delta, self.param = step, layout, delta, param
+
+    def values(self, what: str, rows: np.ndarray | slice = slice(None)) -> float:
+        d, p = self.delta[rows], self.param[rows]
+        if d[:, NAN].any() or d[:, INF].any() or p[:, NAN].any() or p[:, INF].any():
+            return math.nan
+        update, param = math.sqrt(d[:, SUMSQ].sum()), math.sqrt(p[:, SUMSQ].sum())
+        if what == "update":
+            return update
+        if what == "param":
+            return param
+        return update / param if param > 0 else math.nan
+
+
 class OptimizerWatch:
     """Watches one optimizer: collects at its pre-step hook, publishes :class:`Readout` s."""
 
@@ -199,21 +260,50 @@ class OptimizerWatch:
         self.nonfinite_steps = 0
         self.amp_skipped_steps = 0
         self.dropped_steps = 0
+        self.clipped_steps = 0
         self.collect_seconds = math.nan
         self.latest: Readout | None = None
+        self.last_nonfinite: Readout | None = None
         self.backend_names: set[str] = set()
+        self.scaler = None  # the GradScaler whose step() called this optimizer (set by session)
+        self._norms: deque[float] = deque(maxlen=PENDING_NORMS)  # finite per-step norms
+        self._was_nonfinite = False
+        self._last_incident = -math.inf
+        self._suppressed_incidents = 0
+        # parameter updates, sampled every config.update_every steps
+        self._update_pending: tuple | None = None  # (step, layout, params, fp32 snapshots)
+        self._update_inflight: tuple | None = None  # (step, layout, pinned host, event)
+        self.latest_update: UpdateReadout | None = None
 
     # ---- training thread ----
-    def on_step(self) -> None:
+    def on_step(self, clip: ClipRecord | None = None) -> None:
         """Pre-step hook body: never raises."""
         self.steps += 1
         try:
             self.poll()
             if (self.steps - 1) % self.config.every == 0:
                 t0 = time.perf_counter()
-                self._collect()
+                self._collect(clip)
                 self.collect_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - telemetry never raises into training
+            self.errors.record("collect", exc)
+        try:
+            self._update_pending = None  # an earlier step whose post hook never ran
+            k = self.config.update_every
+            if k and (self.steps - 1) % k == 0:
+                self._snapshot_params()
+        except Exception as exc:  # noqa: BLE001
+            self._update_pending = None
+            self.errors.record("collect", exc)
+
+    def on_step_post(self) -> None:
+        """Post-step hook body: difference the sampled step's snapshot; never raises."""
+        pending, self._update_pending = self._update_pending, None
+        if pending is None:
+            return
+        try:
+            self._reduce_update(*pending)
+        except Exception as exc:  # noqa: BLE001
             self.errors.record("collect", exc)
 
     def note_amp_skipped(self) -> None:
@@ -281,7 +371,7 @@ class OptimizerWatch:
             self.backend_names.add(backend.name)
         return backend
 
-    def _collect(self) -> None:
+    def _params_with_grads(self):
         params: list[torch.nn.Parameter] = []
         grads: list[torch.Tensor] = []
         group_of: list[int] = []
@@ -292,44 +382,82 @@ class OptimizerWatch:
                     params.append(p)
                     grads.append(g)
                     group_of.append(gi)
-        if not grads:
-            return
-        device = grads[0].device
-        if any(g.device != device for g in grads):
+        if grads and any(g.device != grads[0].device for g in grads):
             order = sorted(range(len(grads)), key=lambda i: str(grads[i].device))
             params = [params[i] for i in order]
             grads = [grads[i] for i in order]
             group_of = [group_of[i] for i in order]
+        return params, grads, group_of
+
+    def _context(self, clip: ClipRecord | None):
+        """Per-step values of the loop: host floats, and device tensors to copy with the partials.
+
+        CPU tensors are read at once (no device to wait for); CUDA tensors travel in the pinned
+        copy of the reduction, so reading them never synchronizes the host.
+        """
+        host: dict[str, float] = {}
+        device: list[tuple[str, torch.Tensor]] = []
+
+        def put(key: str, v: object) -> None:
+            if v is None or isinstance(v, bool):
+                return
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    return
+                if v.device.type == "cpu":
+                    host[key] = float(v)
+                else:
+                    device.append((key, v.detach()))
+            elif isinstance(v, int | float):
+                host[key] = float(v)
+
+        opt = self.optimizer_ref
+        put("grad_scale", getattr(opt, "grad_scale", None))
+        put("found_inf", getattr(opt, "found_inf", None))
+        scaler = self.scaler
+        if scaler is not None and scaler.is_enabled():
+            put("loss_scale", scaler._get_scale_async())  # no get_scale(): that one syncs
+        if clip is not None:
+            put("preclip_norm", clip.norm)
+            host["clip_max_norm"] = clip.max_norm
+        for i, group in enumerate(opt.param_groups):
+            put(f"lr:{i}", group.get("lr"))
+        return host, device
+
+    def _collect(self, clip: ClipRecord | None = None) -> None:
+        params, grads, group_of = self._params_with_grads()
+        if not grads:
+            return
+        device = grads[0].device
         layout = self._layout_for(params, group_of)
         # DTensor grads (FSDP2): local shards, rows owned by this rank, full numel.
         view = distributed.local_view(grads, self.config.distributed)
         grads, numel = view.tensors, view.numel
-        scale = getattr(self.optimizer_ref, "grad_scale", None)
-        found_inf = getattr(self.optimizer_ref, "found_inf", None)
+        context, device_values = self._context(clip)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         if len(by_device) == 1 and device.type == "cuda":
-            self._launch_cuda(device, grads, layout, numel, scale, found_inf, view.owned)
+            self._launch_cuda(device, grads, layout, numel, context, device_values, view.owned)
             return
         parts = [self._backend(d).partials(gs).to("cpu") for d, gs in by_device.items()]
         local = torch.cat(parts) if len(parts) > 1 else parts[0]
-        combined = None
+        for key, t in device_values:  # this path already copies to the host synchronously
+            context[key] = float(t)
+        host = local.numpy().reshape(-1, N_PARTIALS)
         if view.combine:
             # CPU partials: one small gloo all-reduce pair; waiting for it on the CPU is cheap.
             result, works = distributed.start_combine(local, view.owned)
             for work in works:
                 work.wait()
             combined = distributed.finish_combine(result).numpy()
-        host = local.numpy().reshape(-1, N_PARTIALS)
-        scale_v = None if scale is None else float(scale)
-        found = None if found_inf is None else float(found_inf)
-        if combined is None:
-            self._publish(self.steps, layout, host, numel, scale_v, found)
+            self._publish(self.steps, layout, combined, numel, context, local=host)
         else:
-            self._publish(self.steps, layout, combined, numel, scale_v, found, local=host)
+            self._publish(self.steps, layout, host, numel, context)
 
-    def _launch_cuda(self, device, grads, layout, numel, scale, found_inf, owned=None) -> None:
+    def _launch_cuda(
+        self, device, grads, layout, numel, context, device_values, owned=None
+    ) -> None:
         with self._lock:
             if len(self._inflight) >= RING_SLOTS:
                 self.dropped_steps += 1
@@ -343,9 +471,14 @@ class OptimizerWatch:
         )  # read grads only once their producer (maybe FSDP's stream) is done
         backend = self._backend(device)
         t = len(grads)
+        k = len(device_values)
         combine = owned is not None
         with torch.cuda.stream(stream):
             partials = backend.partials(grads)
+            if k:
+                extra = torch.stack(
+                    [v.reshape(()).to(device, torch.float64) for _, v in device_values]
+                )
             reduced = torch.cuda.Event()
             reduced.record(stream)
             local = partials
@@ -356,55 +489,126 @@ class OptimizerWatch:
                 for work in works:
                     work.wait()
                 partials = distributed.finish_combine(result)
-            extra = torch.full((2,), math.nan, dtype=torch.float64, device=device)
-            if scale is not None:
-                extra[0].copy_(scale.reshape(()))
-            if found_inf is not None:
-                extra[1].copy_(found_inf.reshape(()))
-            size = t * N_PARTIALS * (2 if combine else 1) + 2
+            size = t * N_PARTIALS * (2 if combine else 1) + k
             host = torch.empty(size, dtype=torch.float64, pin_memory=True)
             host[: t * N_PARTIALS].copy_(partials.reshape(-1), non_blocking=True)
-            host[t * N_PARTIALS : t * N_PARTIALS + 2].copy_(extra, non_blocking=True)
+            if k:
+                host[t * N_PARTIALS : t * N_PARTIALS + k].copy_(extra, non_blocking=True)
             if combine:
-                host[t * N_PARTIALS + 2 :].copy_(local.reshape(-1), non_blocking=True)
+                host[t * N_PARTIALS + k :].copy_(local.reshape(-1), non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         # Later in-place writes (clip, unscale_, fused steps, zero_grad) and frees are ordered after
         # the reduction on the device; the host does not wait.
         main.wait_event(reduced)
+        keys = tuple(key for key, _ in device_values)
         with self._lock:
-            self._inflight.append(_InFlight(self.steps, layout, numel, host, done, combine))
+            self._inflight.append(
+                _InFlight(self.steps, layout, numel, host, done, context, keys, combine)
+            )
+
+    # ---- parameter updates (sampled) ----
+    def _snapshot_params(self) -> None:
+        """Pre-step of a sampled step: copy theta_(t-1) in (at least) fp32; freed after the step."""
+        params, _, group_of = self._params_with_grads()
+        if not params:
+            return
+        layout = self._layout_for(params, group_of)
+        # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
+        local = distributed.local_view([p.detach() for p in params], "off").tensors
+        snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
+        self._update_pending = (self.steps, layout, local, snaps)
+
+    def _reduce_update(self, step, layout, params, snaps) -> None:
+        """Post-step: snaps <- theta_(t-1) - theta_t in place (fp32 or wider), then one reduction
+        over [deltas..., params...] with the float64-accumulating kernels."""
+        with torch.no_grad():
+            for s_, p in zip(snaps, params, strict=True):
+                s_.sub_(p.detach())
+        tensors = snaps + [p.detach() for p in params]
+        t = len(params)
+        devices = {x.device for x in tensors}
+        device = tensors[0].device
+        if len(devices) == 1 and device.type == "cuda":
+            with self._lock:
+                if self._update_inflight is not None:
+                    self.dropped_steps += 1
+                    return
+            # Main stream: the snapshots are freed after this launch, in stream order.
+            partials = self._backend(device).partials(tensors)
+            host = torch.empty(2 * t * N_PARTIALS, dtype=torch.float64, pin_memory=True)
+            host.copy_(partials.reshape(-1), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+            with self._lock:
+                self._update_inflight = (step, layout, host, done)
+            return
+        parts = []
+        for d in sorted(devices, key=str):
+            idx = [i for i, x in enumerate(tensors) if x.device == d]
+            rows = self._backend(d).partials([tensors[i] for i in idx]).to("cpu").numpy()
+            parts.append((idx, rows))
+        out = np.empty((2 * t, N_PARTIALS), dtype=np.float64)
+        for idx, rows in parts:
+            out[idx] = rows.reshape(-1, N_PARTIALS)
+        self._publish_update(step, layout, out)
+
+    def _publish_update(self, step, layout, rows: np.ndarray) -> None:
+        t = len(layout.names)
+        readout = UpdateReadout(step, layout, rows[:t].copy(), rows[t:].copy())
+        with self._lock:
+            self.latest_update = readout
 
     def poll(self) -> None:
         """Publish every in-flight result whose copy has completed; never blocks."""
         while True:
             with self._lock:
                 if not self._inflight or not self._inflight[0].done.query():
-                    return
+                    break
                 item = self._inflight.popleft()
             try:
                 data = item.host.numpy()
                 t = len(item.layout.names)
-                scale, found = data[t * N_PARTIALS], data[t * N_PARTIALS + 1]
+                context = dict(item.context)
+                k = len(item.device_keys)
+                for i, key in enumerate(item.device_keys):
+                    context[key] = float(data[t * N_PARTIALS + i])
                 local = None
                 if item.combined:
-                    local = data[t * N_PARTIALS + 2 :].reshape(t, N_PARTIALS).copy()
+                    local = data[t * N_PARTIALS + k :].reshape(t, N_PARTIALS).copy()
                 self._publish(
                     item.step,
                     item.layout,
                     data[: t * N_PARTIALS].reshape(t, N_PARTIALS).copy(),
                     item.numel,
-                    None if math.isnan(scale) else float(scale),
-                    None if math.isnan(found) else float(found),
+                    context,
                     local=local,
                 )
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("readout", exc)
+        with self._lock:
+            upd = self._update_inflight
+            if upd is None or not upd[3].query():
+                return
+            self._update_inflight = None
+        try:
+            step, layout, host, _ = upd
+            self._publish_update(step, layout, host.numpy().reshape(-1, N_PARTIALS))
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("readout", exc)
 
-    def snapshot(self) -> WatchSnapshot:
-        """Publish finished device work, then one consistent view of readout and counters."""
+    def snapshot(self, drain: bool = False) -> WatchSnapshot:
+        """Publish finished device work, then one consistent view of readout and counters.
+
+        ``drain``: hand over (and forget) the per-step norms collected since the last drain: the
+        exporter does so once per scrape, for the histogram and the max since the last scrape.
+        """
         self.poll()
         with self._lock:
+            norms: tuple[float, ...] = ()
+            if drain:
+                norms = tuple(self._norms)
+                self._norms.clear()
             return WatchSnapshot(
                 self.latest,
                 self.collected_steps,
@@ -412,31 +616,72 @@ class OptimizerWatch:
                 self.amp_skipped_steps,
                 self.dropped_steps,
                 self.collect_seconds,
+                self.clipped_steps,
+                max(norms) if norms else math.nan,
+                norms,
+                self.latest_update,
+                self.last_nonfinite,
             )
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (off the training path: at close) for in-flight results and publish them."""
         deadline = time.monotonic() + timeout
-        while self._inflight and time.monotonic() < deadline:
+        while (self._inflight or self._update_inflight) and time.monotonic() < deadline:
             self.poll()
             time.sleep(0.001)
 
-    def _publish(self, step, layout, partials, numel, scale, found_inf, local=None) -> None:
-        if found_inf:  # fused GradScaler path: this step will be skipped, grads are not real
+    def _publish(self, step, layout, partials, numel, context, local=None) -> None:
+        if context.get("found_inf"):  # fused GradScaler path: this step is skipped
             with self._lock:
                 self.amp_skipped_steps += 1
             return
+        scale = context.get("grad_scale")
         if scale is not None and scale != 1.0:
             # Fused optimizers under GradScaler see still-scaled grads; report unscaled values.
             partials[:, SUMSQ] /= scale * scale
             partials[:, SUMABS] /= scale
             partials[:, MAXABS] /= scale
-        readout = Readout(step, layout, partials, numel, local)
+        readout = Readout(step, layout, partials, numel, context, local)
+        clipped = readout.clip_coefficient < 1.0
         with self._lock:
             self.latest = readout
             self.collected_steps += 1
             if readout.nonfinite:
                 self.nonfinite_steps += 1
+                self.last_nonfinite = readout
+            else:
+                self._norms.append(readout.total_norm)
+            if clipped:
+                self.clipped_steps += 1
+        self._log_incident(readout)
+
+    def _log_incident(self, readout: Readout) -> None:
+        """One line when a step turns non-finite after finite ones (at most one a minute)."""
+        was, self._was_nonfinite = self._was_nonfinite, readout.nonfinite
+        if not readout.nonfinite or was:
+            return
+        now = time.monotonic()
+        if now - self._last_incident < INCIDENT_LOG_INTERVAL_S:
+            self._suppressed_incidents += 1
+            return
+        self._last_incident = now
+        agg = readout.aggregate()
+        names = readout.nonfinite_params
+        more = int(((agg.nan > 0) | (agg.inf > 0)).sum()) - len(names)
+        log.warning(
+            "gradwatch: optimizer %s step %d: gradients turned non-finite (%d NaN, %d Inf"
+            " elements) in %s%s%s",
+            self.index,
+            readout.step,
+            int(agg.nan.sum()),
+            int(agg.inf.sum()),
+            ", ".join(names),
+            f" and {more} more" if more > 0 else "",
+            f" ({self._suppressed_incidents} earlier incidents not logged)"
+            if self._suppressed_incidents
+            else "",
+        )
+        self._suppressed_incidents = 0
 
 
 def collect_names(models: Sequence[torch.nn.Module]) -> Callable[[], dict[int, str]]:

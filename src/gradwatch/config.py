@@ -103,6 +103,14 @@ SETTINGS: tuple[Setting, ...] = (
         "A tensor whose gradient L2 norm is above this counts in `grad_tensors_exploding`.",
     ),
     Setting(
+        "GRADWATCH_UPDATE_EVERY",
+        "10",
+        "integer >= 0 (0: off)",
+        "Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
+        " `update_*` and `param_*` statistics. Costs one fp32 copy of the parameters with"
+        " gradients, held from the step's pre-hook to its post-hook.",
+    ),
+    Setting(
         "GRADWATCH_BACKEND",
         "auto",
         "auto, native, torch, triton",
@@ -186,6 +194,7 @@ class Config:
     per_param_ranks: tuple[int, ...] | None = (0,)  # None: all ranks
     file_sd: str | None = None
     exporters: tuple[str, ...] = ("prometheus",)
+    update_every: int = 10
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
@@ -306,6 +315,8 @@ def validate(cfg: Config) -> None:
         raise SettingError("max_params", cfg.max_params, "an integer >= 1")
     if not (isinstance(cfg.max_groups, int) and cfg.max_groups >= 2):
         raise SettingError("max_groups", cfg.max_groups, "an integer >= 2")
+    if not (isinstance(cfg.update_every, int) and cfg.update_every >= 0):
+        raise SettingError("update_every", cfg.update_every, "an integer >= 0")
     if cfg.backend not in BACKENDS:
         raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
     if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
@@ -385,6 +396,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         kw["vanishing_threshold"] = parse_float("GRADWATCH_VANISHING_THRESHOLD", raw, 0.0, True)
     if (raw := env.get("GRADWATCH_EXPLODING_THRESHOLD")) is not None:
         kw["exploding_threshold"] = parse_float("GRADWATCH_EXPLODING_THRESHOLD", raw, 0.0, False)
+    if (raw := env.get("GRADWATCH_UPDATE_EVERY")) is not None:
+        kw["update_every"] = parse_int("GRADWATCH_UPDATE_EVERY", raw, 0, 10**9)
     if (raw := env.get("GRADWATCH_BACKEND")) is not None:
         if raw.strip().lower() not in BACKENDS:
             raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))

@@ -50,16 +50,31 @@ _NAME_RE = re.compile(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b")
 # --------------------------------------------------------------------------------------------
 
 
+# Sample names of histogram families: name_bucket / name_sum / name_count -> name.
+HISTOGRAM_SERIES = {
+    f"{s.prom_name}_{suffix}": s.prom_name
+    for s in BY_PROM_NAME.values()
+    if s.instrument == "histogram"
+    for suffix in ("bucket", "sum", "count")
+}
+
+
+def base_metric(name: str) -> str:
+    """The catalog name a series name belongs to (histogram sample names map to the family)."""
+    return HISTOGRAM_SERIES.get(name, name)
+
+
 def sel(name: str, extra: str = "") -> str:
     """``name{job=~"$job", instance=~"$instance", rank=~"$rank"[, extra]}``; name must exist."""
-    if name not in BY_PROM_NAME:
+    if base_metric(name) not in BY_PROM_NAME:
         raise KeyError(f"{name} is not in the catalog")
     return f"{name}{{{SEL}{', ' + extra if extra else ''}}}"
 
 
 def metrics_in(expr: str) -> list[str]:
     """Catalog metric names an expression uses, in order of first appearance."""
-    seen = dict.fromkeys(m for m in _NAME_RE.findall(expr) if m in BY_PROM_NAME)
+    found = (base_metric(m) for m in _NAME_RE.findall(expr))
+    seen = dict.fromkeys(m for m in found if m in BY_PROM_NAME)
     return list(seen)
 
 
@@ -77,7 +92,7 @@ UNITS = {"{gradient}": "sci", "1": "percentunit", "s": "s"}
 
 
 def unit_of(name: str) -> str:
-    return UNITS.get(BY_PROM_NAME[name].unit, "short")
+    return UNITS.get(BY_PROM_NAME[base_metric(name)].unit, "short")
 
 
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict:
@@ -426,7 +441,7 @@ def _magnitude(name: str, title: str, what: str, legend: str = _WHO) -> dict:
 
 
 def overview() -> dict:
-    spread = f"{sel('grad_tensor_l2_norm_max')} / {sel('grad_tensor_l2_norm_min')}"
+    spread = sel("grad_tensor_l2_norm_max_to_min_ratio")
     errors = (
         f"sum by (job, instance, rank, stage) (rate({sel('gradwatch_errors_total')}[{RATE}]))\n"
         f"or on (job, instance, rank)\n"
@@ -563,15 +578,16 @@ def overview() -> dict:
                 "Per-tensor norm spread (max / min)",
                 "Ratio of the largest to the smallest"
                 " per-tensor L2 norm: how many times the most active tensor's gradient"
-                f" outweighs the least active one's. Query: {spread}. +Inf when a tensor's"
-                " gradient is all zero." + _NAN_GAP,
+                " outweighs the least active one's. Absent (a gap) when a tensor's gradient is"
+                " all zero." + _NAN_GAP,
                 [(spread, _WHO)],
-                "sci",
+                "short",
                 log=True,
             ),
             12,
             8,
         ),
+        *training_health(),
         (row("Progress and gradwatch's own cost"), 24, 1),
         (
             timeseries(
@@ -639,6 +655,154 @@ def overview() -> dict:
         layout(items),
         common_variables(),
     )
+
+
+def training_health() -> list[tuple[dict, int, int]]:
+    """Overview rows of the training-health signals: clipping, history, AMP, LR, updates."""
+    rate_by = "sum by (job, instance, rank, optimizer, le)"
+    bucket = f"rate({sel('grad_l2_norm_per_step_bucket')}[{RATE}])"
+    return [
+        (row("Clipping and every step between scrapes"), 24, 1),
+        (
+            timeseries(
+                "Gradient norm before and after clipping",
+                "The total norm clip_grad_norm_ returned (before clipping) and the total norm the"
+                " optimizer applied (after clipping). Apart where clipping bites." + _NAN_GAP,
+                [
+                    (sel("grad_preclip_l2_norm"), "pre-clip " + _WHO),
+                    (sel("grad_l2_norm"), "applied " + _WHO),
+                ],
+                "sci",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Clipping coefficient and clipped steps",
+                "The coefficient clip_grad_norm_ applied (1: not clipped) and the fraction of"
+                " collected steps it clipped, per $__rate_interval.",
+                [
+                    (sel("grad_clip_coefficient_ratio"), "coefficient " + _WHO),
+                    (
+                        f"rate({sel('grad_clipped_steps_total')}[{RATE}])\n/ on (job, instance,"
+                        f" rank, optimizer)\nrate({sel('grad_steps_total')}[{RATE}])",
+                        "clipped fraction " + _WHO,
+                    ),
+                ],
+                "percentunit",
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Largest step norm between scrapes",
+                "The largest total gradient norm of any collected step since the previous scrape,"
+                " next to the last step's: a one-step spike shows here even when the scrape"
+                " lands on a calm step.",
+                [
+                    (sel("grad_l2_norm_max_since_last_scrape"), "max since scrape " + _WHO),
+                    (sel("grad_l2_norm"), "last step " + _WHO),
+                ],
+                "sci",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Per-step gradient norm quantiles",
+                "Quantiles of the total gradient norm over every collected step (from the"
+                " grad_l2_norm_per_step histogram, buckets 1, 2, 5 per decade: a quantile is"
+                " exact only to its bucket).",
+                [
+                    (
+                        f"histogram_quantile({q}, {rate_by} ({bucket}))",
+                        f"p{int(q * 100)} " + _WHO,
+                    )
+                    for q in (0.5, 0.99)
+                ],
+                "sci",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+        (row("Loss scale, learning rate and updates"), 24, 1),
+        (
+            timeseries(
+                "AMP loss scale",
+                "The factor torch.amp.GradScaler multiplied the loss by; it halves at each"
+                " skipped (overflowing) step and grows after a run of good ones.",
+                [(sel("amp_loss_scale"), _WHO)],
+                "short",
+                log=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Learning rate",
+                "Learning rate of each optimizer param group, as the optimizer applied it.",
+                [(sel("optimizer_learning_rate"), "group {{param_group}} " + _WHO)],
+                "sci",
+                log=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            table(
+                "Parameters with non-finite gradients (first 5)",
+                "The first parameters (optimizer order) whose gradients held NaN/Inf in a step"
+                " during the time range.",
+                [
+                    (
+                        "max by (job, instance, rank, optimizer, position, param)"
+                        f" (max_over_time({sel('grad_nonfinite_param_info')}[$__range]))",
+                        "",
+                    )
+                ],
+                "short",
+                ["seen"],
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Update / parameter norm ratio",
+                "||theta_t - theta_(t-1)|| / ||theta_t|| of the sampled steps, whole model and"
+                " per group (every GRADWATCH_UPDATE_EVERY-th step).",
+                [
+                    (sel("update_to_param_ratio"), "all " + _WHO),
+                    (sel("update_group_to_param_ratio"), "{{group}} " + _WHO),
+                ],
+                "sci",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Update and parameter norms",
+                "L2 norms of the sampled update and of the parameters after it.",
+                [
+                    (sel("update_l2_norm"), "update " + _WHO),
+                    (sel("param_l2_norm"), "params " + _WHO),
+                ],
+                "sci",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+    ]
 
 
 def layers() -> dict:

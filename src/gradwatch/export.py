@@ -22,6 +22,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
@@ -32,6 +33,22 @@ from .config import Config
 log = logging.getLogger("gradwatch")
 
 RANK_LABELS = ("rank", "local_rank", "world_size")
+
+# Buckets of grad_l2_norm_per_step: 1, 2, 5 per decade from 1e-8 to 1e4 (explicit buckets: the
+# Python Prometheus exporter cannot serve exponential histograms).
+NORM_BUCKETS = tuple(
+    float(f"{m}e{e}") for e in range(-8, 5) for m in (1, 2, 5) if float(f"{m}e{e}") <= 1e4
+)
+
+# Statistics of the sampled parameter update: (what, scope) of UpdateReadout.values().
+_UPDATE_STATS = {
+    "param_l2_norm": ("param", False),
+    "update_l2_norm": ("update", False),
+    "update_to_param_ratio": ("ratio", False),
+    "param_group_l2_norm": ("param", True),
+    "update_group_l2_norm": ("update", True),
+    "update_group_to_param_ratio": ("ratio", True),
+}
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -61,10 +78,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 class ScrapeBudget:
     """Caps how often a scrape is computed, so that a swarm of scrapers cannot starve training
-    of the GIL. A request gets a freshly generated exposition when its request shape has none
-    yet, when the cached one is older than ``max_age`` seconds, or when the statistics changed
-    since and fewer than ``per_second`` were generated in the last second; otherwise it gets the
-    cached response. A normal scraper (every 1-60 s) always gets a fresh one."""
+    of the GIL. While fewer than ``per_second`` expositions were generated in the last second,
+    every request gets a fresh one (a normal scraper always does). Past that, a request shape's
+    exposition is regenerated only when the statistics changed and it is over ``max_age``
+    seconds old; otherwise the cached response is served again."""
 
     def __init__(
         self, version: Callable[[], object], per_second: int = 10, max_age: float = 0.1
@@ -88,8 +105,8 @@ class ScrapeBudget:
             cached = self._cache.get(key)
             fresh = (
                 cached is None
-                or now - cached[0] >= self.max_age
-                or (cached[1] != version and len(self._recent) < self.per_second)
+                or len(self._recent) < self.per_second
+                or (cached[1] != version and now - cached[0] >= self.max_age)
             )
             if fresh:
                 self._recent.append(now)
@@ -221,12 +238,31 @@ class Exporter:
         if self.push is not None:
             readers.append(self.push)
         self.resource = make_resource(config)
+        histograms = [s for s in catalog.CATALOG if s.instrument == "histogram"]
+        views = [
+            View(
+                instrument_name=s.otel_name,
+                aggregation=ExplicitBucketHistogramAggregation(NORM_BUCKETS, record_min_max=False),
+            )
+            for s in histograms
+        ]
         self.provider = MeterProvider(
-            resource=self.resource, metric_readers=readers, shutdown_on_exit=False
+            resource=self.resource,
+            metric_readers=readers,
+            shutdown_on_exit=False,
+            views=views,
         )  # our close() shuts it down
         meter = self.provider.get_meter("gradwatch", __version__)
+        self._histograms = {
+            s.prom_name: meter.create_histogram(
+                s.otel_name, unit=s.unit, description=s.description(self.thresholds)
+            )
+            for s in histograms
+        }
         for stat in catalog.CATALOG:
             if stat.scope == catalog.PARAM and not config.per_param_here:
+                continue
+            if stat.instrument == "histogram":
                 continue
             kind = ObservableCounter if stat.instrument == "counter" else ObservableGauge
             factory = (
@@ -259,10 +295,18 @@ class Exporter:
     def pin(self) -> None:
         """Take the consistent per-watch snapshots the next callbacks read."""
         try:
-            self._pinned = [(w.index, w.snapshot()) for w in self.session.watches()]
+            self._pinned = [(w.index, w.snapshot(drain=True)) for w in self.session.watches()]
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
             self._pinned = []
+        try:  # every step's norm since the previous scrape goes into the histogram
+            hist = self._histograms.get("grad_l2_norm_per_step")
+            for index, snap in self._pinned:
+                attrs = {"optimizer": index}
+                for v in snap.norms_since_last:
+                    hist.record(v, attrs)
+        except Exception as exc:  # noqa: BLE001
+            self.session.errors.record("export", exc)
 
     def _callback(self, stat: Statistic) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
@@ -297,6 +341,21 @@ class Exporter:
                 v = snap.nonfinite_steps
             elif name == "amp_skipped_steps_total":
                 v = snap.amp_skipped_steps
+            elif name == "grad_clipped_steps_total":
+                v = snap.clipped_steps
+            elif name == "grad_l2_norm_max_since_last_scrape":
+                v = snap.max_norm_since_last
+            elif name in _UPDATE_STATS or name == "update_stats_step":
+                out += self._update_values(name, labels, snap.update)
+                continue
+            elif name == "grad_nonfinite_param_info":
+                if snap.last_nonfinite is not None:
+                    out += self._training_values(name, labels, snap.last_nonfinite)
+                continue
+            elif stat.scope == catalog.TRAINING:
+                if snap.readout is not None:
+                    out += self._training_values(name, labels, snap.readout)
+                continue
             else:
                 readout = snap.readout
                 if readout is None:
@@ -314,6 +373,46 @@ class Exporter:
             if v is not None and math.isfinite(v):
                 out.append((labels, float(v)))
         return out
+
+    @staticmethod
+    def _training_values(name: str, labels: dict, readout) -> list[tuple[dict[str, str], float]]:
+        ctx = readout.context
+        if name == "grad_preclip_l2_norm":
+            values = [(labels, ctx.get("preclip_norm", math.nan))]
+        elif name == "grad_clip_coefficient_ratio":
+            values = [(labels, readout.clip_coefficient)]
+        elif name == "amp_loss_scale":
+            values = [(labels, ctx.get("loss_scale", math.nan))]
+        elif name == "optimizer_learning_rate":
+            values = [
+                ({**labels, "param_group": key[3:]}, v)
+                for key, v in ctx.items()
+                if key.startswith("lr:")
+            ]
+        elif name == "grad_nonfinite_param_info":
+            values = [
+                ({**labels, "param": p, "position": str(i)}, 1.0)
+                for i, p in enumerate(readout.nonfinite_params)
+            ]
+        else:
+            values = []
+        return [(a, float(v)) for a, v in values if math.isfinite(v)]
+
+    @staticmethod
+    def _update_values(name: str, labels: dict, update) -> list[tuple[dict[str, str], float]]:
+        if update is None:
+            return []
+        if name == "update_stats_step":
+            return [(labels, float(update.step))]
+        what, per_group = _UPDATE_STATS[name]
+        if per_group:
+            values = [
+                ({**labels, "group": g}, update.values(what, rows))
+                for g, rows in update.layout.group_rows.items()
+            ]
+        else:
+            values = [(labels, update.values(what))]
+        return [(a, float(v)) for a, v in values if math.isfinite(v)]
 
     # ---- endpoint ----
     def start_server(self, port: int | None = None) -> None:

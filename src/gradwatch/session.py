@@ -9,6 +9,7 @@ and never in a forked child of the process that started them.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .collector import ErrorLog, OptimizerWatch
+from .collector import ClipRecord, ErrorLog, OptimizerWatch
 from .config import Config, SettingError, from_env
 
 log = logging.getLogger("gradwatch")
@@ -74,15 +75,22 @@ class Session:
         self.closed = False
         # Eager even under torch.compile(opt.step): the hook adds no graph breaks.
         self._hook = torch.compiler.disable(self._pre_step_hook)
+        self._post_hook = torch.compiler.disable(self._post_step_hook)
+        self._clips: list[ClipRecord] = []  # clip_grad_norm_ calls not yet matched to a step
         if optimizers is None:
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            from torch.optim.optimizer import (
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
 
             self._hooks.append(register_optimizer_step_pre_hook(self._hook))
+            self._hooks.append(register_optimizer_step_post_hook(self._post_hook))
         else:
             self._explicit = set()
             for opt in optimizers:
                 self.add_optimizer(opt)
         self._patch_grad_scaler()
+        self._patch_clip_grad_norm()
         atexit.register(self.close)
 
     # ---- watches ----
@@ -92,6 +100,7 @@ class Session:
                 return
             self._explicit.add(id(optimizer))
             self._hooks.append(optimizer.register_step_pre_hook(self._hook))
+            self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
 
     def watches(self) -> list[OptimizerWatch]:
         with self._lock:
@@ -133,7 +142,85 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
             return
-        watch.on_step()
+        watch.on_step(self._take_clip(optimizer))
+
+    def _post_step_hook(self, optimizer, args, kwargs) -> None:
+        try:
+            watch = self._watches.get(id(optimizer))
+            if watch is not None and not self.closed:
+                watch.on_step_post()
+        except Exception as exc:  # noqa: BLE001 - never raise into training
+            self.errors.record("collect", exc)
+
+    # ---- clip_grad_norm_: keep the pre-clip norm it returns (a tensor: no sync) ----
+    def _take_clip(self, optimizer) -> ClipRecord | None:
+        """The last clip_grad_norm_ call since the previous step that clipped one of the
+        optimizer's params; it and older unmatched calls of those params are consumed."""
+        try:
+            with self._lock:
+                if not self._clips:
+                    return None
+                ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+                mine = [c for c in self._clips if not c.param_ids.isdisjoint(ids)]
+                if not mine:
+                    return None
+                self._clips = [c for c in self._clips if c.param_ids.isdisjoint(ids)]
+                return mine[-1]
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+            return None
+
+    def _note_clip(self, params, max_norm, norm_type, total_norm) -> None:
+        try:
+            if self.closed or os.getpid() != self._pid:
+                return
+            if float(norm_type) != 2.0 or not isinstance(total_norm, torch.Tensor):
+                return
+            if isinstance(max_norm, torch.Tensor):
+                if max_norm.device.type != "cpu":
+                    return  # reading it would synchronize
+                max_norm = float(max_norm)
+            record = ClipRecord(frozenset(id(p) for p in params), total_norm, float(max_norm))
+            with self._lock:
+                self._clips.append(record)
+                del self._clips[:-8]  # calls whose params no watched optimizer holds
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+
+    def _patch_clip_grad_norm(self) -> None:
+        from torch.nn.utils import clip_grad
+
+        original = clip_grad.clip_grad_norm_
+        if getattr(original, "_gradwatch_session", None) is not None:
+            return  # another session patched it; it restores on close
+        session = self
+
+        @functools.wraps(original)
+        def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *args, **kwargs):
+            # The same list the original builds itself: results are bitwise identical.
+            if isinstance(parameters, torch.Tensor):
+                parameters = [parameters]
+            else:
+                parameters = list(parameters)
+            total_norm = original(parameters, max_norm, norm_type, *args, **kwargs)
+            session._note_clip(parameters, max_norm, norm_type, total_norm)
+            return total_norm
+
+        clip_grad_norm_._gradwatch_session = self  # type: ignore[attr-defined]
+        self._clip_original = original
+        clip_grad.clip_grad_norm_ = clip_grad_norm_
+        if torch.nn.utils.clip_grad_norm_ is original:
+            torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+
+    def _unpatch_clip_grad_norm(self) -> None:
+        from torch.nn.utils import clip_grad
+
+        original = getattr(self, "_clip_original", None)
+        if original is None:
+            return
+        for module in (clip_grad, torch.nn.utils):
+            if getattr(module.clip_grad_norm_, "_gradwatch_session", None) is self:
+                module.clip_grad_norm_ = original
 
     def _ensure_exporter(self) -> None:
         if self.exporter is not None or self._exporter_failed:
@@ -193,6 +280,8 @@ class Session:
 
         def step(scaler, optimizer, *args, **kwargs):
             watch = session.watch_for(optimizer) if scaler.is_enabled() else None
+            if watch is not None:
+                watch.scaler = scaler  # its loss scale is read with the step's partials
             before = watch.steps if watch is not None else None
             result = original(scaler, optimizer, *args, **kwargs)
             if watch is not None and watch.steps == before:
@@ -224,6 +313,7 @@ class Session:
             h.remove()
         self._hooks.clear()
         self._unpatch_grad_scaler()
+        self._unpatch_clip_grad_norm()
         if os.getpid() == self._pid:
             for w in self.watches():
                 try:

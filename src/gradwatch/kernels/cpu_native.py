@@ -266,6 +266,7 @@ class _Buffers(threading.local):
 _bufs = _Buffers()
 # Unbound C-level accessors: map() over them is ~2x cheaper than a Python-level loop.
 _data_ptr = torch.Tensor.data_ptr
+_PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
 _get_dtype = torch.Tensor.dtype.__get__
@@ -293,6 +294,11 @@ def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for dt in dtypes:
         if dt not in DTYPE_CODES:
             raise TypeError(f"unsupported dtype {dt}: need float32/float16/bfloat16/float64")
+    if not set(map(type, ts)) <= _PLAIN_TYPES:
+        # A wrapper subclass (DTensor, ...) has no storage of its own: its data_ptr() is not the
+        # data, and reading it would crash. Callers pass local shards (distributed.local_view).
+        bad = next(type(t).__name__ for t in ts if type(t) not in _PLAIN_TYPES)
+        raise TypeError(f"native_partials needs plain tensors, got a {bad}")
     ptrs = list(map(_data_ptr, ts))
     keep: list[torch.Tensor] = []  # contiguous copies must outlive the call
     if not all(map(_is_contiguous, ts)):

@@ -231,6 +231,9 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros((0, N_PARTIALS), dtype=torch.float64)
     if not isinstance(tensors[0], torch.Tensor):
         raise TypeError(f"expected torch.Tensor, got {type(tensors[0]).__name__}")
+    for t in tensors:  # wrapper subclasses (DTensor) have no data of their own at data_ptr()
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            raise TypeError(f"triton_partials needs plain tensors, got a {type(t).__name__}")
     device = tensors[0].device
     interpret = _interpret_mode()
     is_cuda = device.type == "cuda"
