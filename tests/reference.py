@@ -5,6 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Statistics checked against reference_stats by the end-to-end tests.
+MAGNITUDES = [
+    "grad_l2_norm",
+    "grad_rms",
+    "grad_abs_mean",
+    "grad_abs_max",
+    "grad_l2_norm_divided_by_tensors",
+    "grad_tensor_l2_norm_min",
+    "grad_tensor_l2_norm_max",
+    "grad_tensor_l2_norm_mean",
+]
+COUNTS = ["grad_elements", "grad_tensors", "grad_tensors_vanishing", "grad_tensors_exploding"]
+
 
 def to_float64_numpy(t: torch.Tensor) -> np.ndarray:
     """Exact float64 copy of any floating tensor's values (bf16/fp16/fp32 all widen exactly)."""

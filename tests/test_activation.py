@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from util import fetch, free_port, parse, require_tool, value
+from util import assert_promtool_clean, fetch, free_port, parse, value
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "train_plain.py")
 
@@ -54,7 +54,7 @@ def _finish(proc: subprocess.Popen) -> str:
     return err
 
 
-def test_env_var_mode_exports_with_real_names_and_promtool_clean(tmp_path):
+def test_env_var_mode_exports_with_real_names_and_promtool_clean():
     port = free_port()
     proc, ref = _run_until_ready(
         _env(GRADWATCH="1", GRADWATCH_PORT=str(port), WAIT="1", GRADWATCH_PER_PARAM="1", STEPS="5")
@@ -69,19 +69,7 @@ def test_env_var_mode_exports_with_real_names_and_promtool_clean(tmp_path):
     params = {dict(k)["param"] for k in samples["grad_param_l2_norm"]}
     assert params == {"encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias"}
     assert "Traceback" not in err
-    promtool = require_tool("promtool")
-    path = tmp_path / "metrics.txt"
-    path.write_text(text)
-    check = subprocess.run(
-        [promtool, "check", "metrics"],
-        stdin=path.open(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
-        check.stdout + check.stderr
-    )
+    assert_promtool_clean(text)
 
 
 def test_unset_variable_imports_nothing():

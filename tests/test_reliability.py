@@ -19,7 +19,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.collector import Readout
-from util import fetch, free_port, parse, require_tool, value
+from util import assert_promtool_clean, fetch, free_port, parse, require_tool, value
 
 
 def assert_port_free(port: int) -> None:
@@ -267,7 +267,7 @@ def test_fifty_concurrent_scrapers_training_goes_on():
 
 
 # ---- 4. bad input: hostile parameter names ------------------------------------------------------
-def test_parameter_names_with_quotes_backslashes_newlines_and_unicode(tmp_path):
+def test_parameter_names_with_quotes_backslashes_newlines_and_unicode():
     names = ['we"ird', "back\\slash", "new\nline", "ünïcödé_名前", "{brace}=x,y"]
     model = nn.Module()
     for i, n in enumerate(names):
@@ -281,17 +281,7 @@ def test_parameter_names_with_quotes_backslashes_newlines_and_unicode(tmp_path):
     samples = parse(text)
     for i, n in enumerate(names):
         assert value(samples, "grad_param_abs_max", param=n) == i + 1
-    promtool = require_tool("promtool")
-    path = tmp_path / "m.txt"
-    path.write_text(text, encoding="utf-8")
-    out = subprocess.run(
-        [promtool, "check", "metrics"],
-        stdin=path.open(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+    assert_promtool_clean(text)
 
 
 # ---- 5. exposure ------------------------------------------------------------------------------

@@ -12,20 +12,8 @@ from torch import nn
 
 import gradwatch
 from gradwatch.kernels.cpu_native import native_available
-from reference import reference_stats, to_float64_numpy
+from reference import COUNTS, MAGNITUDES, reference_stats, to_float64_numpy
 from util import fetch, help_texts, parse, value
-
-MAGNITUDES = [
-    "grad_l2_norm",
-    "grad_rms",
-    "grad_abs_mean",
-    "grad_abs_max",
-    "grad_l2_norm_divided_by_tensors",
-    "grad_tensor_l2_norm_min",
-    "grad_tensor_l2_norm_max",
-    "grad_tensor_l2_norm_mean",
-]
-COUNTS = ["grad_elements", "grad_tensors", "grad_tensors_vanishing", "grad_tensors_exploding"]
 
 
 @pytest.fixture(params=["native", "torch"])

@@ -24,6 +24,17 @@ def require_tool(name: str) -> str:
     return path
 
 
+def assert_promtool_clean(text: str) -> None:
+    """`promtool check metrics` on an exposition: exit 0 and no finding at all."""
+    import subprocess
+
+    promtool = require_tool("promtool")
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
