@@ -510,3 +510,78 @@ def test_interpreter_exit_frees_the_port(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == str(port), out.stderr
     assert "Traceback" not in out.stderr
     assert_port_free(port)
+
+
+def test_fault_in_readout_is_contained(monkeypatch, caplog):
+    """Publishing a step's result (Readout) fails: counted, logged once, training goes on."""
+    import gradwatch.collector as collector
+
+    def boom(*a, **k):
+        raise ArithmeticError("injected readout fault")
+
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        handle, step = _small_run(1, update_every=0)
+        monkeypatch.setattr(collector, "Readout", boom)
+        for _ in range(4):
+            step()
+        monkeypatch.undo()
+        step()
+        samples = parse(fetch(handle.port))
+        handle.close()
+    # On the CPU the readout runs inside the collection (on CUDA: at the next poll, "readout").
+    errors = sum(v for k, v in samples["gradwatch_errors_total"].items())
+    assert errors == 4 and value(samples, "grad_stats_step") == 6
+    assert _warnings(caplog, "injected readout fault") == 1
+
+
+def test_labels_carry_only_names_and_statistics():
+    allowed = {
+        "rank",
+        "local_rank",
+        "world_size",
+        "optimizer",
+        "group",
+        "param",
+        "kind",
+        "stage",
+        "version",
+        "backend",
+        "param_group",
+        "position",
+        "le",
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, port=0, per_param=True, groups={"a": "0."}) as h:
+        model(torch.ones(2, 3)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        opt.step()
+        samples = parse(fetch(h.port))
+    keys = {
+        k
+        for name, series in samples.items()
+        if name != "target_info"
+        for labels in series
+        for k, _ in labels
+    }
+    assert keys <= allowed, keys - allowed
+    # target_info: OpenTelemetry's resource (service and SDK identity, the rank labels) only
+    resource = {k for labels in samples["target_info"] for k, _ in labels}
+    assert resource <= {
+        "service_name",
+        "service_instance_id",
+        "telemetry_sdk_language",
+        "telemetry_sdk_name",
+        "telemetry_sdk_version",
+        "rank",
+        "local_rank",
+        "world_size",
+    }, resource
+    # values: numbers, names of parameters/groups/stages, the version and backend
+    assert {dict(lb)["param"] for lb in samples["grad_param_l2_norm"]} == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+    }
