@@ -94,8 +94,10 @@ def test_one_window_matches_the_reference_estimators(accumulation):
     assert value(samples, "grad_accumulation_micro_batches") == 3
     assert value(samples, "grad_noise_trace_sigma") == pytest.approx(trace, rel=1e-9)
     assert value(samples, "grad_noise_true_grad_sq_norm") == pytest.approx(g2, rel=1e-9)
-    if g2 > 0:
+    if g2 > 0 and trace > 0:
         assert value(samples, "grad_noise_scale") == pytest.approx(trace / g2, rel=1e-9)
+    else:
+        assert value(samples, "grad_noise_scale") is None  # not a batch size
 
 
 def test_clipping_and_loss_scale_are_undone():
@@ -197,3 +199,21 @@ def test_noise_scale_converges_to_the_closed_form():
     assert abs(trace - TRACE) < 4 * math.sqrt(ema_cov[0, 0])
     assert abs(g2 - G2) < 4 * math.sqrt(ema_cov[1, 1])
     assert abs(scale - B_SIMPLE) < 4 * sd
+
+
+def test_failures_are_counted_never_raised():
+    gen, model, w_star = _problem(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, port=0, backend="torch", micro_batch_size=MBS) as h:
+        _train(model, opt, gen, w_star, 1)
+        (watch,) = h.session.watches()
+
+        def boom():
+            raise RuntimeError("injected")
+
+        watch._sumsq_now = boom
+        _train(model, opt, gen, w_star, 3)  # training goes on
+        samples = parse(fetch(h.port))
+        assert h.session.errors.counts["collect"] == 3
+    assert value(samples, "grad_accumulation_micro_batches") == K  # counting goes on
+    assert value(samples, "grad_stats_step") == 4

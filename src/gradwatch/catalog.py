@@ -655,7 +655,7 @@ CATALOG: tuple[Statistic, ...] = (
         " unbiased estimate (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big), g_small the"
         " first micro-batch's mean gradient (B_small = GRADWATCH_MICRO_BATCH_SIZE samples),"
         " g_big the step's (B_big = k * B_small); |g|^2 in float64, unscaled (loss scale),"
-        " before clipping.",
+        " before clipping. Can be <= 0 while the estimate is noisy.",
         scope=TRAINING,
         across_tensors="sum of squares over all tensors",
         across_ranks="per rank (single-process data only)",
@@ -668,7 +668,7 @@ CATALOG: tuple[Statistic, ...] = (
         formula="Squared norm of the true (full-data) gradient, |G|^2: bias-corrected EMA"
         " (decay GRADWATCH_NOISE_EMA) of the unbiased estimate"
         " (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small), same steps and terms as"
-        " grad_noise_trace_sigma. Can be negative while |G|^2 is small next to the noise.",
+        " grad_noise_trace_sigma. Can be <= 0 while |G|^2 is small next to the noise.",
         scope=TRAINING,
         across_tensors="sum of squares over all tensors",
         across_ranks="per rank (single-process data only)",
@@ -680,7 +680,7 @@ CATALOG: tuple[Statistic, ...] = (
         unit="{sample}",
         formula="Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018,"
         " appendix A.1), in samples: grad_noise_trace_sigma / grad_noise_true_grad_sq_norm (a"
-        " ratio of the two EMAs). Absent while that |G|^2 estimate is <= 0.",
+        " ratio of the two EMAs). Absent while either EMA is <= 0.",
         scope=TRAINING,
         across_tensors="ratio of the two totals",
         across_ranks="per rank (single-process data only)",

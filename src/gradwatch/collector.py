@@ -357,6 +357,7 @@ class OptimizerWatch:
             return
         self._step_noise = (self._micro_batches, self._small_sumsq)
         self._micro_batches, self._small_sumsq = 0, None
+        self._backward_queued = False  # a backward that raised never ran its callback
 
     def _noise_update(self, readout: Readout) -> None:
         """Fold this step's unbiased estimates of tr(Sigma) and |G|^2 into their EMAs and write
@@ -399,7 +400,9 @@ class OptimizerWatch:
             g2, trace = self._ema_g2 / corr, self._ema_trace / corr
             ctx["noise_true_grad_sq_norm"] = g2
             ctx["noise_trace_sigma"] = trace
-            ctx["noise_scale"] = trace / g2 if g2 > 0 else math.nan
+            # a batch size: only where both estimates are positive (early or noisy they can
+            # be <= 0, being differences of noisy terms)
+            ctx["noise_scale"] = trace / g2 if g2 > 0 and trace > 0 else math.nan
 
     # ---- training thread ----
     def on_step(self, clip: ClipRecord | None = None) -> None:
