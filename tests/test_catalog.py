@@ -68,12 +68,21 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
     opt_broken = torch.optim.SGD(broken.parameters(), lr=0.1)  # NaN grads: names them
     scaler = torch.amp.GradScaler("cpu")
     with gradwatch.watch(
-        [model, broken], [opt, opt_broken], port=0, per_param=True, backend="torch"
+        [model, broken],
+        [opt, opt_broken],
+        port=0,
+        per_param=True,
+        backend="torch",
+        micro_batch_size=1,
     ) as h:
-        scaler.scale(model(torch.ones(1, 3)).sum()).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
+        for _ in range(2):  # two micro-batches per step: grad_noise_* (from the second step)
+            for _ in range(2):
+                scaler.scale(model(torch.ones(1, 3)).sum() / 2).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
         broken(torch.ones(1, 2)).sum().backward()
         broken.weight.grad[0, 0] = float("nan")
         opt_broken.step()

@@ -29,6 +29,9 @@ BAD = {
     "GRADWATCH_FILE_SD": ["", "  ", "/tmp/targets/", "a\0b"],
     "OTEL_METRICS_EXPORTER": ["", "otel", "otlp,zipkin", "none,otlp", "prom"],
     "GRADWATCH_UPDATE_EVERY": BAD_VALUES + ["1.5", "-3", "ten"],
+    "GRADWATCH_MICRO_BATCH_SIZE": BAD_VALUES + ["0", "1.5", "2000000000"],
+    "GRADWATCH_LOSS_ACCUMULATION": ["", "avg", "1", "sµm"],
+    "GRADWATCH_NOISE_EMA": BAD_VALUES + ["1", "1.5", "-0.1", "inf"],
     "LOCAL_RANK": ["x", "-1"],
 }
 
@@ -65,6 +68,9 @@ def test_defaults_and_good_values():
             "GRADWATCH_FILE_SD": "/tmp/gradwatch.json",
             "OTEL_METRICS_EXPORTER": "otlp, prometheus",
             "GRADWATCH_UPDATE_EVERY": "0",
+            "GRADWATCH_MICRO_BATCH_SIZE": "8",
+            "GRADWATCH_LOSS_ACCUMULATION": " Sum",
+            "GRADWATCH_NOISE_EMA": "0",
             "LOCAL_RANK": "3",
             "RANK": "11",
             "WORLD_SIZE": "16",
@@ -80,6 +86,8 @@ def test_defaults_and_good_values():
     assert from_env({"GRADWATCH_PER_PARAM_RANKS": "all"}).per_param_ranks is None
     assert from_env({"OTEL_METRICS_EXPORTER": "none"}).exporters == ()
     assert cfg.update_every == 0 and Config().update_every == 10
+    assert (cfg.micro_batch_size, cfg.loss_accumulation, cfg.noise_ema) == (8, "sum", 0.0)
+    assert (Config().micro_batch_size, Config().loss_accumulation) == (None, "mean")
     for off in ("0", "false", "No", "OFF"):
         assert from_env({"GRADWATCH": off}).enabled is False
 
@@ -97,6 +105,10 @@ def test_watch_arguments_are_validated_like_env():
         {"backend": "gpu"},
         {"max_params": 0},
         {"update_every": -1},
+        {"micro_batch_size": 0},
+        {"micro_batch_size": 2.5},
+        {"loss_accumulation": "avg"},
+        {"noise_ema": 1.0},
         {"exploding_threshold": float("inf")},
         {"host": "no such host!"},
     ):

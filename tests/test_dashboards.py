@@ -45,9 +45,22 @@ def panels(dash: dict) -> list[dict]:
     return [p for p in out if p["type"] != "row"]
 
 
-def alert_rules() -> list[dict]:
+def all_rules() -> list[dict]:
+    """Every rule of the committed rules file: alerting and recording."""
     yaml = _yaml()
     return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def alert_rules() -> list[dict]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recording_rules() -> list[dict]:
+    return [r for r in all_rules() if "record" in r]
+
+
+def rule_name(rule: dict) -> str:
+    return rule.get("alert") or rule["record"]
 
 
 def _yaml():
@@ -313,6 +326,7 @@ def test_required_panels_exist() -> None:
         "gradwatch_errors_total",
         "gradwatch_dropped_steps_total",
         "amp_skipped_steps_total",
+        "grad_noise_scale",
     ):
         assert re.search(rf"\b{metric}\b", used["gradwatch-overview.json"]), metric
     assert "rate(grad_steps_total{" in used["gradwatch-overview.json"]
@@ -406,6 +420,53 @@ def test_alert_rules_use_catalog_metrics_and_quote_formulas() -> None:
                 assert s.matchers.get("job"), f"{r['alert']}: up without a job matcher"
 
 
+def test_recording_rules_are_named_and_described_as_derived() -> None:
+    records = recording_rules()
+    assert [r["record"] for r in records] == [dashboards.HEALTH_RECORD]
+    text = RULES.read_text()
+    for r in records:
+        # level:metric:operations, the recording-rule convention; never a catalog name
+        assert re.fullmatch(r"[a-zA-Z_]\w*:[a-zA-Z_]\w*:[a-zA-Z_]\w*", r["record"]), r
+        assert r["record"] not in BY_PROM_NAME
+        assert "alert" not in r and "for" not in r and "annotations" not in r
+        for s in selectors(r["expr"]):
+            assert s.name in BY_PROM_NAME, (r["record"], s.name)
+        # the comment above the rule states what it is
+        lines = text.splitlines()
+        (at,) = [
+            i
+            for i, line in enumerate(lines)
+            if line.strip().startswith("- record:") and r["record"] in line
+        ]
+        comment = []
+        for line in reversed(lines[:at]):
+            if not line.strip().startswith("#"):
+                break
+            comment.insert(0, line.strip()[1:].strip())
+        comment_text = " ".join(comment)
+        assert "heuristic, not a measurement" in comment_text, comment_text
+    (health,) = records
+    assert health["expr"] == (
+        "clamp(1 - 0.5 * grad_tensors_vanishing / grad_tensors"
+        " - 0.8 * grad_tensors_exploding / grad_tensors, 0, 1)"
+    )
+    assert health["labels"] == {"heuristic": "true"}
+    (panel,) = [
+        p
+        for p in panels(load_dashboards()["gradwatch-overview.json"])
+        if "health" in p["title"].lower()
+    ]
+    assert "heuristic" in panel["title"].lower()
+    assert "1 - 0.5 * (vanishing tensors / T) - 0.8 * (exploding" in panel["description"]
+    (t,) = panel["targets"]
+    assert [s.name for s in selectors(t["expr"])] == [
+        "grad_tensors_vanishing",
+        "grad_tensors",
+        "grad_tensors_exploding",
+        "grad_tensors",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # (4) provisioning files and prometheus.yml
 # ---------------------------------------------------------------------------------------------
@@ -467,12 +528,15 @@ def test_promtool_check_rules() -> None:
 def test_promtool_rule_unit_tests() -> None:
     promtool = require_tool("promtool")
     assert RULE_TESTS, "no promtool unit tests in tests/rules/"
-    tested = set()
+    tested, tested_records = set(), set()
     for path in RULE_TESTS:
         text = path.read_text()
         tested |= set(re.findall(r"alertname: (\w+)", text))
+        tested_records |= set(re.findall(r"expr: ['\"]?([a-zA-Z_:][a-zA-Z0-9_:]*)", text))
     untested = {r["alert"] for r in alert_rules()} - tested
     assert not untested, f"alerts without a promtool unit test: {sorted(untested)}"
+    untested = {r["record"] for r in recording_rules()} - tested_records
+    assert not untested, f"recording rules without a promtool unit test: {sorted(untested)}"
     r = subprocess.run(
         [promtool, "test", "rules", *map(str, RULE_TESTS)],
         capture_output=True,
@@ -678,7 +742,7 @@ def test_live_template_variables_list_the_process(live: Live) -> None:
 def test_live_alert_rules_evaluate(live: Live) -> None:
     groups = live.api("rules")["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
-    assert set(loaded) == {r["alert"] for r in alert_rules()}
+    assert set(loaded) == {rule_name(r) for r in all_rules()}
     _wait(
         "every rule to be evaluated",
         lambda: all(
@@ -689,12 +753,24 @@ def test_live_alert_rules_evaluate(live: Live) -> None:
         10,
     )
     missing = []
-    for rule in alert_rules():
+    for rule in all_rules():
         live.query(rule["expr"])  # evaluates without error
         for s in selectors(rule["expr"]):
             if s.name not in ONLY_AFTER_FAILURE and not live.query(s.text):
-                missing.append(f"{rule['alert']}: {s.text}")
+                missing.append(f"{rule_name(rule)}: {s.text}")
     assert not missing, "rule selectors without data:\n" + "\n".join(missing)
+    # recording rules: their expression returns data, and Prometheus records it
+    for rule in recording_rules():
+        (computed,) = live.query(rule["expr"])
+        assert 0 <= float(computed["value"][1]) <= 1, rule["record"]
+        _wait(
+            f"{rule['record']} to be recorded",
+            lambda r=rule: live.query(f'{r["record"]}{{job="gradwatch"}}'),
+            10,
+        )
+        (recorded,) = live.query(f'{rule["record"]}{{job="gradwatch"}}')
+        assert recorded["metric"]["heuristic"] == "true"
+        assert recorded["metric"]["optimizer"] == "0" and recorded["metric"]["rank"] == "0"
     # healthy apart from the injected NaN: those rules return nothing...
     for name in (
         "GradwatchGradientsVanishing",

@@ -632,6 +632,59 @@ CATALOG: tuple[Statistic, ...] = (
         across_tensors="-",
         across_ranks="identical on every rank",
     ),
+    # ---- gradient noise scale (issue 6): needs GRADWATCH_MICRO_BATCH_SIZE ----
+    Statistic(
+        otel_name="grad.accumulation_micro_batches",
+        prom_name="grad_accumulation_micro_batches",
+        instrument="gauge",
+        unit="{batch}",
+        formula="Backward passes k between the previous optimizer step and the collected one:"
+        " micro-batches accumulated into its gradient. Exported when GRADWATCH_MICRO_BATCH_SIZE"
+        " is set.",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
+    ),
+    Statistic(
+        otel_name="grad.noise_trace_sigma",
+        prom_name="grad_noise_trace_sigma",
+        instrument="gauge",
+        unit="{gradientsquared}",
+        formula="Trace of the per-sample gradient covariance, tr(Sigma): bias-corrected EMA"
+        " (decay GRADWATCH_NOISE_EMA) over collected steps with k >= 2 micro-batches of the"
+        " unbiased estimate (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big), g_small the"
+        " first micro-batch's mean gradient (B_small = GRADWATCH_MICRO_BATCH_SIZE samples),"
+        " g_big the step's (B_big = k * B_small); |g|^2 in float64, unscaled (loss scale),"
+        " before clipping. Can be <= 0 while the estimate is noisy.",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors",
+        across_ranks="per rank (single-process data only)",
+    ),
+    Statistic(
+        otel_name="grad.noise_true_grad_sq_norm",
+        prom_name="grad_noise_true_grad_sq_norm",
+        instrument="gauge",
+        unit="{gradientsquared}",
+        formula="Squared norm of the true (full-data) gradient, |G|^2: bias-corrected EMA"
+        " (decay GRADWATCH_NOISE_EMA) of the unbiased estimate"
+        " (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small), same steps and terms as"
+        " grad_noise_trace_sigma. Can be <= 0 while |G|^2 is small next to the noise.",
+        scope=TRAINING,
+        across_tensors="sum of squares over all tensors",
+        across_ranks="per rank (single-process data only)",
+    ),
+    Statistic(
+        otel_name="grad.noise_scale",
+        prom_name="grad_noise_scale",
+        instrument="gauge",
+        unit="{sample}",
+        formula="Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018,"
+        " appendix A.1), in samples: grad_noise_trace_sigma / grad_noise_true_grad_sq_norm (a"
+        " ratio of the two EMAs). Absent while either EMA is <= 0.",
+        scope=TRAINING,
+        across_tensors="ratio of the two totals",
+        across_ranks="per rank (single-process data only)",
+    ),
     # ---- gradwatch's own cost and health ----
     Statistic(
         otel_name="gradwatch.collect",

@@ -86,6 +86,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .catalog import BY_PROM_NAME
 
+    if not 1 <= args.accum <= args.batch:
+        print(f"--accum {args.accum}: must be from 1 to --batch ({args.batch})", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     model = DemoNet.build(args.width)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -97,6 +100,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         every=args.every,
         per_param=args.per_param,
         groups={"host": "host.", "seed": "seed.", "embed": "embed."},
+        # --accum micro-batches per step: shows the gradient noise scale (grad_noise_*)
+        micro_batch_size=args.batch // args.accum if args.accum > 1 else None,
     )
     if not handle.enabled:
         print("gradwatch is off (GRADWATCH=0 or a bad setting); the demo trains without it")
@@ -117,13 +122,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             tokens = torch.randint(0, 200, (args.batch,))
             x = torch.randn(args.batch, 16)
             y = x @ true_w + 0.1 * torch.randn(args.batch)
-            loss = torch.nn.functional.mse_loss(model(tokens, x), y)
             opt.zero_grad(set_to_none=True)
+            micro = args.batch // args.accum
+            loss = 0.0
+            for i in range(args.accum):  # gradient accumulation: loss averaged over the window
+                part = slice(i * micro, (i + 1) * micro)
+                micro_loss = torch.nn.functional.mse_loss(model(tokens[part], x[part]), y[part])
+                micro_loss = micro_loss / args.accum
+                loss += micro_loss.detach()
+                if scaler is not None:
+                    scaler.scale(micro_loss).backward()
+                else:
+                    micro_loss.backward()
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.unscale_(opt)  # clip (and inject) on unscaled gradients
-            else:
-                loss.backward()
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             if args.nan_at and step == args.nan_at:
@@ -190,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--per-param", action="store_true", help="export grad_param_* series")
     demo.add_argument("--nan-at", type=int, default=0, help="inject a NaN gradient at this step")
     demo.add_argument("--width", type=int, default=256)
-    demo.add_argument("--batch", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=64, help="samples per optimizer step")
+    demo.add_argument(
+        "--accum",
+        type=int,
+        default=2,
+        help="micro-batches accumulated per step (batch/accum samples each; 1: no accumulation)",
+    )
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument(
         "--clip", type=float, default=0.0, help="max_norm for clip_grad_norm_ (0: no clipping)"

@@ -274,11 +274,145 @@ class OptimizerWatch:
         self._update_pending: tuple | None = None  # (step, layout, params, fp32 snapshots)
         self._update_inflight: tuple | None = None  # (step, layout, pinned host, event)
         self.latest_update: UpdateReadout | None = None
+        # gradient noise scale (config.micro_batch_size): backward passes since the last step,
+        # the sum of squares of the window's first micro-batch gradient (0-dim float64 tensor,
+        # on the device: no host sync), and the EMAs of the two unbiased estimates.
+        self._grad_hooks: list = []
+        self._backward_queued = False
+        self._micro_batches = 0
+        self._small_sumsq: torch.Tensor | None = None
+        self._step_noise: tuple[int, torch.Tensor | None] | None = None
+        self._noise_n = 0
+        self._ema_trace = 0.0
+        self._ema_g2 = 0.0
+        if config.micro_batch_size is not None:
+            if config.world_size > 1:  # B_big would need the ranks' samples: not done yet
+                log.warning(
+                    "gradwatch: GRADWATCH_MICRO_BATCH_SIZE is set but WORLD_SIZE is %d: the"
+                    " gradient noise scale is computed for single-process training only",
+                    config.world_size,
+                )
+            else:
+                self._install_grad_hooks()
+
+    # ---- gradient accumulation windows (gradient noise scale) ----
+    def _install_grad_hooks(self) -> None:
+        """One post-accumulate-grad hook per parameter: the first to fire in a backward pass
+        queues :meth:`_on_backward_end` to run once at its end (the others return at once)."""
+        try:
+            for group in self.optimizer_ref.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._grad_hooks.append(
+                            p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+                        )
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+
+    def remove_hooks(self) -> None:
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks.clear()
+
+    def _on_grad_accumulated(self, _param: torch.Tensor) -> None:
+        if self._backward_queued:
+            return
+        try:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        except Exception as exc:  # noqa: BLE001
+            self._backward_queued = False
+            self.errors.record("collect", exc)
+
+    def _on_backward_end(self) -> None:
+        """End of one backward pass: count it; after the window's first, keep |g_small|^2."""
+        self._backward_queued = False
+        try:
+            self._micro_batches += 1
+            # only in windows whose step will be collected (steps 1, every+1, ...)
+            if self._micro_batches == 1 and self.steps % self.config.every == 0:
+                self._small_sumsq = self._sumsq_now()
+        except Exception as exc:  # noqa: BLE001
+            self._small_sumsq = None
+            self.errors.record("collect", exc)
+
+    def _sumsq_now(self) -> torch.Tensor | None:
+        """Sum of squares of the current gradients, float64, as a 0-dim tensor on their device
+        (one launch of the fused reduction; nothing is copied to the host here)."""
+        _, grads, _ = self._params_with_grads()
+        if not grads:
+            return None
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        sums = [self._backend(d).partials(gs)[:, SUMSQ].sum() for d, gs in by_device.items()]
+        if len(sums) == 1:
+            return sums[0]
+        return torch.stack([x.to("cpu") for x in sums]).sum()  # several devices: rare, syncs
+
+    def _take_window(self) -> None:
+        """At a step: hand the window's (k, |g_small|^2) to this step's collection, reset."""
+        if self.config.micro_batch_size is None or not self._grad_hooks:
+            self._step_noise = None
+            return
+        self._step_noise = (self._micro_batches, self._small_sumsq)
+        self._micro_batches, self._small_sumsq = 0, None
+        self._backward_queued = False  # a backward that raised never ran its callback
+
+    def _noise_update(self, readout: Readout) -> None:
+        """Fold this step's unbiased estimates of tr(Sigma) and |G|^2 into their EMAs and write
+        the exported values into the readout's context (McCandlish et al. 2018, app. A.1)."""
+        mbs = self.config.micro_batch_size
+        ctx = readout.context
+        if mbs is None or not self._grad_hooks:
+            return
+        k, small = ctx.get("micro_batches"), ctx.get("noise_small_sumsq")
+        beta = self.config.noise_ema
+        if (
+            k is not None
+            and k >= 2
+            and small is not None
+            and math.isfinite(small)
+            and not readout.nonfinite
+        ):
+            k = int(k)
+            big = float(readout.partials[:, SUMSQ].sum())  # unscaled by _publish (fused AMP)
+            coef = readout.clip_coefficient
+            if coef < 1.0:  # clip_grad_norm_ scaled every gradient by coef: undo it
+                big /= coef * coef
+            scale = ctx.get("loss_scale")
+            if scale:  # the first micro-batch's grads are still multiplied by the loss scale
+                small /= scale * scale
+            if self.config.loss_accumulation == "mean":
+                # loss / k per micro-batch: the first backward left g_small / k in .grad, the
+                # accumulated .grad is the window's mean gradient g_big
+                small_sq, big_sq = k * k * small, big
+            else:  # losses summed: .grad is g_small after the first, k * g_big at the step
+                small_sq, big_sq = small, big / (k * k)
+            b_small, b_big = float(mbs), float(mbs * k)
+            g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+            trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+            self._noise_n += 1
+            self._ema_g2 = beta * self._ema_g2 + (1.0 - beta) * g2
+            self._ema_trace = beta * self._ema_trace + (1.0 - beta) * trace
+        if self._noise_n:
+            corr = 1.0 - beta**self._noise_n  # bias correction of an EMA started at 0
+            g2, trace = self._ema_g2 / corr, self._ema_trace / corr
+            ctx["noise_true_grad_sq_norm"] = g2
+            ctx["noise_trace_sigma"] = trace
+            # a batch size: only where both estimates are positive (early or noisy they can
+            # be <= 0, being differences of noisy terms)
+            ctx["noise_scale"] = trace / g2 if g2 > 0 and trace > 0 else math.nan
 
     # ---- training thread ----
     def on_step(self, clip: ClipRecord | None = None) -> None:
         """Pre-step hook body: never raises."""
         self.steps += 1
+        try:
+            self._take_window()
+        except Exception as exc:  # noqa: BLE001
+            self._step_noise = None
+            self.errors.record("collect", exc)
         try:
             self.poll()
             if (self.steps - 1) % self.config.every == 0:
@@ -310,6 +444,7 @@ class OptimizerWatch:
         """GradScaler skipped optimizer.step() (non-fused path): the hook never fired."""
         with self._lock:
             self.amp_skipped_steps += 1
+        self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
 
     def _layout_for(self, params: list[torch.nn.Parameter], group_of: list[int]) -> Layout:
         key = tuple(id(p) for p in params)
@@ -422,6 +557,11 @@ class OptimizerWatch:
             host["clip_max_norm"] = clip.max_norm
         for i, group in enumerate(opt.param_groups):
             put(f"lr:{i}", group.get("lr"))
+        if self._step_noise is not None:
+            k, small = self._step_noise
+            if k:
+                host["micro_batches"] = float(k)
+            put("noise_small_sumsq", small)
         return host, device
 
     def _collect(self, clip: ClipRecord | None = None) -> None:
@@ -643,6 +783,10 @@ class OptimizerWatch:
             partials[:, MAXABS] /= scale
         readout = Readout(step, layout, partials, numel, context, local)
         clipped = readout.clip_coefficient < 1.0
+        try:
+            self._noise_update(readout)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("readout", exc)
         with self._lock:
             self.latest = readout
             self.collected_steps += 1

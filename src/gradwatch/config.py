@@ -16,6 +16,7 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 BACKENDS = ("auto", "native", "torch", "triton")
 DISTRIBUTED_MODES = ("auto", "off")
+LOSS_ACCUMULATIONS = ("mean", "sum")
 METRICS_EXPORTERS = ("prometheus", "otlp", "none")
 DEFAULT_PORT = 9464
 
@@ -111,6 +112,33 @@ SETTINGS: tuple[Setting, ...] = (
         " gradients, held from the step's pre-hook to its post-hook.",
     ),
     Setting(
+        "GRADWATCH_MICRO_BATCH_SIZE",
+        "unset (off)",
+        "integer >= 1",
+        "Samples per micro-batch under gradient accumulation: turns on the gradient noise scale"
+        " (`grad_noise_*`). gradwatch counts the backward passes between two optimizer steps"
+        " (k) and reads the first one's gradient (B_small = this size) against the step's"
+        " accumulated gradient (B_big = k x this size); steps with k = 1 add nothing. Costs one"
+        " extra reduction over the gradients per collected step, at the end of the window's"
+        " first backward. Single-process data only (see README, Gradient noise scale).",
+    ),
+    Setting(
+        "GRADWATCH_LOSS_ACCUMULATION",
+        "mean",
+        "mean, sum",
+        "How the loop accumulates micro-batch losses: mean, each micro-batch loss divided by"
+        " the number of micro-batches (`loss / accum_steps`, the accumulated .grad is the"
+        " window's mean gradient); sum, losses not divided (.grad is the sum of the"
+        " micro-batch gradients).",
+    ),
+    Setting(
+        "GRADWATCH_NOISE_EMA",
+        "0.95",
+        "number from 0 to 1, 1 excluded",
+        "Decay of the exponential moving averages of the noise-scale estimates (0: the last"
+        " step's estimates alone).",
+    ),
+    Setting(
         "GRADWATCH_BACKEND",
         "auto",
         "auto, native, torch, triton",
@@ -195,6 +223,9 @@ class Config:
     file_sd: str | None = None
     exporters: tuple[str, ...] = ("prometheus",)
     update_every: int = 10
+    micro_batch_size: int | None = None  # None: gradient noise scale off
+    loss_accumulation: str = "mean"
+    noise_ema: float = 0.95
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
@@ -317,6 +348,14 @@ def validate(cfg: Config) -> None:
         raise SettingError("max_groups", cfg.max_groups, "an integer >= 2")
     if not (isinstance(cfg.update_every, int) and cfg.update_every >= 0):
         raise SettingError("update_every", cfg.update_every, "an integer >= 0")
+    mbs = cfg.micro_batch_size
+    if mbs is not None and not (isinstance(mbs, int) and not isinstance(mbs, bool) and mbs >= 1):
+        raise SettingError("micro_batch_size", mbs, "an integer >= 1")
+    if cfg.loss_accumulation not in LOSS_ACCUMULATIONS:
+        raise SettingError("loss_accumulation", cfg.loss_accumulation, "mean, sum")
+    ema = cfg.noise_ema
+    if not (isinstance(ema, int | float) and math.isfinite(ema) and 0 <= ema < 1):
+        raise SettingError("noise_ema", ema, "a number from 0 to 1, 1 excluded")
     if cfg.backend not in BACKENDS:
         raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
     if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
@@ -398,6 +437,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         kw["exploding_threshold"] = parse_float("GRADWATCH_EXPLODING_THRESHOLD", raw, 0.0, False)
     if (raw := env.get("GRADWATCH_UPDATE_EVERY")) is not None:
         kw["update_every"] = parse_int("GRADWATCH_UPDATE_EVERY", raw, 0, 10**9)
+    if (raw := env.get("GRADWATCH_MICRO_BATCH_SIZE")) is not None:
+        kw["micro_batch_size"] = parse_int("GRADWATCH_MICRO_BATCH_SIZE", raw, 1, 10**9)
+    if (raw := env.get("GRADWATCH_LOSS_ACCUMULATION")) is not None:
+        if raw.strip().lower() not in LOSS_ACCUMULATIONS:
+            raise SettingError("GRADWATCH_LOSS_ACCUMULATION", raw, ", ".join(LOSS_ACCUMULATIONS))
+        kw["loss_accumulation"] = raw.strip().lower()
+    if (raw := env.get("GRADWATCH_NOISE_EMA")) is not None:
+        kw["noise_ema"] = parse_float("GRADWATCH_NOISE_EMA", raw, 0.0, True)
+        if kw["noise_ema"] >= 1:
+            raise SettingError("GRADWATCH_NOISE_EMA", raw, "a number from 0 to 1, 1 excluded")
     if (raw := env.get("GRADWATCH_BACKEND")) is not None:
         if raw.strip().lower() not in BACKENDS:
             raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))

@@ -436,6 +436,24 @@ _NAN_GAP = (
 )
 
 
+# The health-score heuristic some training loops compute. Not a measurement: a recording rule
+# (never an exported metric), named and described so that nobody takes it for one.
+HEALTH_RECORD = "gradwatch:grad_health_heuristic:ratio"
+HEALTH_WHAT = (
+    "A heuristic, not a measurement: 1 - 0.5 * (vanishing tensors / T) - 0.8 * (exploding"
+    " tensors / T), clipped to [0, 1], T = gradient tensors, per process and optimizer. The"
+    " weights 0.5 and 0.8 are a convention some training loops use, not derived from anything;"
+    " 1 only means no tensor crossed either threshold. Look at the counts themselves."
+)
+
+
+def health_heuristic(select=lambda name: name) -> str:
+    """The heuristic's PromQL (series match one to one: same labels), each metric name passed
+    through ``select`` (:func:`sel` for dashboards)."""
+    v, e, t = map(select, ("grad_tensors_vanishing", "grad_tensors_exploding", "grad_tensors"))
+    return f"clamp(1 - 0.5 * {v} / {t} - 0.8 * {e} / {t}, 0, 1)"
+
+
 def _magnitude(name: str, title: str, what: str, legend: str = _WHO) -> dict:
     return timeseries(title, what + _NAN_GAP, [(sel(name), legend)], unit_of(name), log=True)
 
@@ -802,6 +820,34 @@ def training_health() -> list[tuple[dict, int, int]]:
             12,
             8,
         ),
+        (row("Gradient noise scale and health heuristic"), 24, 1),
+        (
+            timeseries(
+                "Gradient noise scale B_simple (samples)",
+                "tr(Sigma) / |G|^2 estimated from gradient accumulation (McCandlish et al. 2018,"
+                " appendix A.1): the batch size around which larger batches stop paying off."
+                " Needs GRADWATCH_MICRO_BATCH_SIZE and k >= 2 micro-batches per step; the"
+                " micro-batch count k is shown for reference.",
+                [
+                    (sel("grad_noise_scale"), "B_simple " + _WHO),
+                    (sel("grad_accumulation_micro_batches"), "k micro-batches " + _WHO),
+                ],
+                "short",
+                log=True,
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Gradient health score (heuristic, not a measurement)",
+                HEALTH_WHAT + " Same expression as the recording rule " + HEALTH_RECORD + ".",
+                [(health_heuristic(sel), _WHO)],
+                "percentunit",
+            ),
+            12,
+            8,
+        ),
     ]
 
 
@@ -1156,7 +1202,8 @@ def _alert(
 
 
 def alert_rules() -> dict:
-    """The Prometheus alerting rules (``gradwatch-alerts.yml``)."""
+    """The rules file ``gradwatch-alerts.yml``: the alerting rules (group ``gradwatch``) and
+    the recording rules (group ``gradwatch-recording``)."""
     by = "sum by (job, instance, rank, optimizer)"
     rules = [
         _alert(
@@ -1248,7 +1295,45 @@ def alert_rules() -> dict:
             " failure, hence the second term.",
         ),
     ]
-    return {"groups": [{"name": "gradwatch", "rules": rules}]}
+    return {
+        "groups": [
+            {"name": "gradwatch", "rules": rules},
+            {"name": "gradwatch-recording", "rules": recording_rules()},
+        ]
+    }
+
+
+def recording_rules() -> list[dict]:
+    """Recording rules: derived series, never measurements (see RULE_COMMENTS)."""
+    return [
+        {
+            "record": HEALTH_RECORD,
+            "expr": health_heuristic(),
+            "labels": {"heuristic": "true"},
+        }
+    ]
+
+
+# Prometheus rules have no description field: these comments go above each recording rule.
+RULE_COMMENTS = {
+    HEALTH_RECORD: HEALTH_WHAT
+    + " Needs gradwatch's default metrics grad_tensors_vanishing, grad_tensors_exploding and"
+    " grad_tensors (thresholds: GRADWATCH_VANISHING_THRESHOLD, GRADWATCH_EXPLODING_THRESHOLD).",
+}
+
+
+def _comment_rules(text: str, width: int = 96) -> str:
+    """Insert RULE_COMMENTS as YAML comments above their ``- record:`` lines."""
+    import textwrap
+
+    out = []
+    for line in text.split("\n"):
+        m = re.fullmatch(r'(\s*)- record: "?([^"]+)"?', line)
+        if m and m.group(2) in RULE_COMMENTS:
+            pad = m.group(1)
+            out += [f"{pad}# {c}" for c in textwrap.wrap(RULE_COMMENTS[m.group(2)], width)]
+        out.append(line)
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1383,10 +1468,12 @@ _NO_EDIT = "do not edit by hand."
 def render_all() -> dict[str, str]:
     """{relative path: file text} of everything :func:`write_all` writes."""
     files = {name: to_json(build()) for name, build in DASHBOARDS.items()}
-    files[ALERTS_FILE] = to_yaml(
-        alert_rules(),
-        f"Prometheus alerting rules for gradwatch. {_GENERATED}\n{_NO_EDIT}\n"
-        "Check: promtool check rules gradwatch-alerts.yml",
+    files[ALERTS_FILE] = _comment_rules(
+        to_yaml(
+            alert_rules(),
+            f"Prometheus alerting and recording rules for gradwatch. {_GENERATED}\n{_NO_EDIT}\n"
+            "Check: promtool check rules gradwatch-alerts.yml",
+        )
     )
     files["prometheus.yml"] = to_yaml(
         prometheus_config(),

@@ -50,6 +50,14 @@ _UPDATE_STATS = {
     "update_group_to_param_ratio": ("ratio", True),
 }
 
+# Training statistics read from a readout's context under this key.
+_CONTEXT_STATS = {
+    "grad_accumulation_micro_batches": "micro_batches",
+    "grad_noise_trace_sigma": "noise_trace_sigma",
+    "grad_noise_true_grad_sq_norm": "noise_true_grad_sq_norm",
+    "grad_noise_scale": "noise_scale",
+}
+
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -389,6 +397,8 @@ class Exporter:
                 for key, v in ctx.items()
                 if key.startswith("lr:")
             ]
+        elif name in _CONTEXT_STATS:
+            values = [(labels, ctx.get(_CONTEXT_STATS[name], math.nan))]
         elif name == "grad_nonfinite_param_info":
             values = [
                 ({**labels, "param": p, "position": str(i)}, 1.0)

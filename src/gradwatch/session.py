@@ -314,6 +314,11 @@ class Session:
         self._hooks.clear()
         self._unpatch_grad_scaler()
         self._unpatch_clip_grad_norm()
+        for w in self.watches():
+            try:
+                w.remove_hooks()
+            except Exception as exc:  # noqa: BLE001
+                self.errors.record("collect", exc)
         if os.getpid() == self._pid:
             for w in self.watches():
                 try:
