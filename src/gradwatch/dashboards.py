@@ -11,8 +11,8 @@ Why plain Python writing JSON instead of ``grafana-foundation-sdk``:
 * the dashboards target Grafana 11 (``schemaVersion`` :data:`SCHEMA_VERSION`, Grafana 11.0 and
   later load it as is);
 * the output is validated in ``tests/test_dashboards.py`` against the SDK's draft-07 dashboard
-  JSON schema (``shared/grafana/dashboard.jsonschema.json``), and every query runs against a real
-  Prometheus scraping a real training process there.
+  JSON schema (``tests/data/grafana-dashboard.jsonschema.json``), and every query runs against a
+  real Prometheus scraping a real training process there.
 
 Conventions (checked by the tests): the data source is a ``datasource`` template variable (no
 ``__inputs``, so file provisioning and UI import both work); ``job``, ``instance`` and ``rank``
