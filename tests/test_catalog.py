@@ -74,6 +74,7 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
         per_param=True,
         backend="torch",
         micro_batch_size=1,
+        update_every=1,
     ) as h:
         for _ in range(2):  # two micro-batches per step: grad_noise_* (from the second step)
             for _ in range(2):

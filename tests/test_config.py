@@ -85,7 +85,7 @@ def test_defaults_and_good_values():
     assert not cfg.per_param_here  # rank 11 is not in 0,3
     assert from_env({"GRADWATCH_PER_PARAM_RANKS": "all"}).per_param_ranks is None
     assert from_env({"OTEL_METRICS_EXPORTER": "none"}).exporters == ()
-    assert cfg.update_every == 0 and Config().update_every == 10
+    assert cfg.update_every == 0 and Config().update_every == 0
     assert (cfg.micro_batch_size, cfg.loss_accumulation, cfg.noise_ema) == (8, "sum", 0.0)
     assert (Config().micro_batch_size, Config().loss_accumulation) == (None, "mean")
     for off in ("0", "false", "No", "OFF"):

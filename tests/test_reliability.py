@@ -36,9 +36,14 @@ def _train(seed: int, watch: bool, *, scaler: bool, fused: bool, clip: bool, acc
     model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     gs = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None
-    handle = (
-        gradwatch.watch(model, opt, port=0, per_param=True, groups={"a": "1."}) if watch else None
+    # every signal on: per-param, groups, update sampling every step, noise scale when accumulating
+    signals = dict(
+        per_param=True,
+        groups={"a": "1."},
+        update_every=1,
+        micro_batch_size=16 if accumulate > 1 else None,
     )
+    handle = gradwatch.watch(model, opt, port=0, **signals) if watch else None
     try:
         for step in range(12):
             for _ in range(accumulate):

@@ -102,6 +102,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         groups={"host": "host.", "seed": "seed.", "embed": "embed."},
         # --accum micro-batches per step: shows the gradient noise scale (grad_noise_*)
         micro_batch_size=args.batch // args.accum if args.accum > 1 else None,
+        update_every=args.update_every,
     )
     if not handle.enabled:
         print("gradwatch is off (GRADWATCH=0 or a bad setting); the demo trains without it")
@@ -199,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=None, help="port of /metrics (default 9464)")
     demo.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
     demo.add_argument("--every", type=int, default=None, help="collect every N steps")
+    demo.add_argument(
+        "--update-every",
+        type=int,
+        default=10,
+        help="sample the parameter update (update_*, param_*) every N steps (0: off)",
+    )
     demo.add_argument("--per-param", action="store_true", help="export grad_param_* series")
     demo.add_argument("--nan-at", type=int, default=0, help="inject a NaN gradient at this step")
     demo.add_argument("--width", type=int, default=256)
