@@ -105,9 +105,13 @@ def main() -> None:
         fwd_bwd()
         opt.step()
 
-    def time_steps(fn, n: int) -> float:
+    def time_steps(fn, n: int, device_only: bool = False) -> float:
+        """Mean ms per call. device_only: the GPU spins first, so the host queues all n calls
+        ahead and the events time the kernels back to back, without host-side setup between."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
+        if device_only:
+            torch.cuda._sleep(int(5e8))  # ~0.25 s at 2 GHz: far longer than queueing n calls
         start.record()
         for _ in range(n):
             fn()
@@ -166,31 +170,16 @@ def main() -> None:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
 
-    def kernel_ms(fn, n=20) -> float:
+    def kernel_ms(fn, n=20, device_only: bool = False) -> float:
         for _ in range(3):
             fn()
-        return time_steps(fn, n)
-
-    def device_ms(fn, n=20) -> float:
-        """Device time only: the GPU spins first, so the host queues all n calls ahead and the
-        events time the kernels back to back, without the host-side setup in between."""
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(5e8))  # ~0.25 s at 2 GHz: far longer than queueing n calls
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n
+        return time_steps(fn, n, device_only)
 
     t_kernel = kernel_ms(lambda: triton_partials(grads))
     t_copy = kernel_ms(lambda: dst.copy_(src))
     try:
-        t_kernel_dev = device_ms(lambda: triton_partials(grads))
-        t_copy_dev = device_ms(lambda: dst.copy_(src))
+        t_kernel_dev = kernel_ms(lambda: triton_partials(grads), device_only=True)
+        t_copy_dev = kernel_ms(lambda: dst.copy_(src), device_only=True)
     except Exception as exc:  # noqa: BLE001 - a private helper: never lose the rest of the run
         print(f"device-only timing unavailable: {exc!r}")
         t_kernel_dev = t_copy_dev = math.nan

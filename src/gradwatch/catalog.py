@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .config import Config
+
 # Label values of the `kind` label on non-finite counts.
 NONFINITE_KINDS = ("nan", "inf")
 
@@ -67,8 +69,8 @@ class Aggregate:
 class Thresholds:
     """Per-tensor L2 norm bounds for the vanishing/exploding counts."""
 
-    vanishing: float = 1e-7
-    exploding: float = 1e2
+    vanishing: float = Config.vanishing_threshold  # defaults live with the settings
+    exploding: float = Config.exploding_threshold
 
 
 def _finite_only(compute: Callable[[Aggregate], float]) -> Callable[[Aggregate, Thresholds], float]:

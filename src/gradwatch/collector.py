@@ -197,14 +197,6 @@ class ErrorLog:
             )
 
 
-def _param_names(models: Iterable[torch.nn.Module]) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for model in models:
-        for name, p in model.named_parameters(remove_duplicate=True):
-            names.setdefault(id(p), name)
-    return names
-
-
 @dataclass(frozen=True)
 class ClipRecord:
     """One call of clip_grad_norm_ (norm_type 2): its returned total norm, kept without a sync."""
@@ -826,7 +818,3 @@ class OptimizerWatch:
             else "",
         )
         self._suppressed_incidents = 0
-
-
-def collect_names(models: Sequence[torch.nn.Module]) -> Callable[[], dict[int, str]]:
-    return lambda: _param_names(models)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -230,7 +230,6 @@ class Config:
     local_rank: int = 0
     rank: int = 0
     world_size: int = 1
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def with_overrides(self, **kw: object) -> Config:
         """Apply explicit `watch()` arguments (None means: keep the env/default value)."""
