@@ -14,6 +14,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.catalog import BY_PROM_NAME, Thresholds
+from gradwatch.kernels.triton_reduce import sum_relative_error_bound
 from reference import reference_stats, to_float64_numpy
 
 pytestmark = [
@@ -174,4 +175,6 @@ def test_dtypes_and_huge_values_on_cuda(dtype):
             params[2].grad[7] = 1e20
         opt.step()
         got = settle(h)
-    check(got, cap.unscaled(-1))
+    # 16-bit sums: float32 lanes on CUDA, within the kernel's stated bound (1e-10 otherwise)
+    bound = sum_relative_error_bound(dtype, torch.device("cuda"))
+    check(got, cap.unscaled(-1), rtol=max(1e-10, bound))

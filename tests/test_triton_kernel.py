@@ -67,7 +67,7 @@ from gradwatch.kernels.triton_reduce import (  # noqa: E402
     triton_available,
     triton_partials,
 )
-from reference import assert_partials_close, reference_partials  # noqa: E402
+from reference import assert_partials_close, assert_triton_close, reference_partials  # noqa: E402
 
 # triton's library functions were decorated for the interpreter iff this is an InterpretedFunction.
 IN_PROCESS = type(triton.language.sum).__name__ == "InterpretedFunction"
@@ -157,7 +157,7 @@ def test_dtype_random(dtype: torch.dtype, launches: _CountLaunches) -> None:
     ]
     out = triton_partials(ts)
     assert out.dtype == torch.float64 and out.shape == (3, 6)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     assert len(launches.launches) == 1
 
 
@@ -173,7 +173,7 @@ def test_mixed_dtypes_one_launch_per_group(launches: _CountLaunches) -> None:
         torch.empty(0, dtype=torch.float16),
     ]
     out = triton_partials(ts)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     assert len(launches.launches) == 4
     # Grid = chunks of the group (fresh CPU tensors are 64-byte aligned, so no head shift):
     # fp16 1, bf16 1 + 1, fp64 2, fp32 2 + 1.
@@ -189,7 +189,7 @@ def test_empty_and_single_element(launches: _CountLaunches) -> None:
         torch.tensor([0.0], dtype=torch.float64),
     ]
     out = triton_partials(ts)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     np.testing.assert_array_equal(out[0].numpy(), np.zeros(6))
     np.testing.assert_array_equal(out[1].numpy(), [12.25, 3.5, 3.5, 0, 0, 0])
     np.testing.assert_array_equal(out[4].numpy(), [0, 0, 0, 0, 0, 1])
@@ -204,7 +204,7 @@ def test_only_empty_tensors_launch_nothing(launches: _CountLaunches) -> None:
 @pytest.mark.parametrize("n", [CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
 def test_chunk_boundaries(n: int) -> None:
     t = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    assert_partials_close(triton_partials([t]), [t])
+    assert_triton_close(triton_partials([t]), [t])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -215,7 +215,7 @@ def test_unaligned_views_of_flat_buffer(dtype: torch.dtype) -> None:
     flat[::97] = 0.0
     views = [flat[1 : 1 + 2 * CHUNK + 3], flat[2 * CHUNK + 5 : 4 * CHUNK - 2], flat[3:4]]
     out = triton_partials(views)
-    assert_partials_close(out, views)
+    assert_triton_close(out, views)
     assert out[:, ZERO].sum() > 0
 
 
@@ -228,7 +228,7 @@ def test_noncontiguous_dense_reads_storage_span() -> None:
     ts = [transposed, channels_last, permuted]
     for t in ts:
         assert not t.is_contiguous() and triton_reduce._is_dense(t)
-    assert_partials_close(triton_partials(ts), ts)
+    assert_triton_close(triton_partials(ts), ts)
 
 
 def test_noncontiguous_non_dense_falls_back_to_copy() -> None:
@@ -242,17 +242,49 @@ def test_noncontiguous_non_dense_falls_back_to_copy() -> None:
     ]
     for t in ts:
         assert not triton_reduce._is_dense(t)
-    assert_partials_close(triton_partials(ts), ts)
+    assert_triton_close(triton_partials(ts), ts)
 
 
 def test_large_magnitude_fp32_sums_in_float64() -> None:
     t = torch.full((CHUNK + 10,), 1e20, dtype=torch.float32)
     t[::2] = -1e20
     out = triton_partials([t])
-    assert_partials_close(out, [t])
+    assert_triton_close(out, [t])
     v = float(np.float32(1e20)) ** 2 * t.numel()
     assert np.isfinite(out[0, SUMSQ].item()) and out[0, SUMSQ].item() == pytest.approx(v, rel=1e-12)
     assert out[0, MAXABS].item() == float(np.float32(1e20))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_fast_path_error_bound_and_exact_redo(dtype: torch.dtype) -> None:
+    """16-bit chunks sum in float32 lanes (error within the stated bound); chunks the float32
+    path cannot sum (non-finite values, squares that overflow or underflow float32) are redone
+    exactly in float64."""
+    g = torch.Generator().manual_seed(9)
+    normal = torch.randn(3 * CHUNK + 3, generator=g).to(dtype)
+    bound = triton_reduce.sum_relative_error_bound(dtype, normal.device)
+    assert 0 < bound < 1e-6
+    out = triton_partials([normal])
+    want = reference_partials([normal])
+    assert_triton_close(out, [normal])
+    for col in (SUMSQ, SUMABS):
+        assert abs(out[0, col].item() / want[0, col] - 1) <= bound
+
+    special = torch.randn(CHUNK - 1, generator=g).to(dtype)
+    special[5] = float("nan")
+    special[9] = float("-inf")
+    redo = [special]
+    if dtype == torch.bfloat16:  # float32's exponent range: squares leave float32's range
+        redo += [
+            torch.randn(CHUNK + 7, generator=g).to(dtype) * 1e30,  # squares overflow float32
+            torch.full((CHUNK,), 2.0**64, dtype=dtype),  # the smallest square that overflows
+            torch.randn(2 * CHUNK, generator=g).to(dtype) * 1e-25,  # squares underflow
+            torch.full((5,), 2.0**-41, dtype=dtype),  # just below the fast path's min
+        ]
+    out = triton_partials(redo)
+    # float64 accumulation throughout: the exact tolerance, not the 16-bit bound
+    assert_partials_close(out, redo, rtol=1e-10)
+    assert out[0, NAN].item() == 1 and out[0, INF].item() == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -269,7 +301,7 @@ def test_nan_inf_injection(dtype: torch.dtype) -> None:
     nan_small = torch.tensor([float("nan"), -2.0, 1.0], dtype=dtype)
     ts = [a, only_nan, neg_inf, nan_small]
     out = triton_partials(ts)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     assert out[0, NAN].item() == 5 and out[0, INF].item() == 3
     assert np.isnan(out[0, SUMSQ].item()) and np.isnan(out[0, SUMABS].item())
     assert out[0, MAXABS].item() == float("inf")
@@ -289,7 +321,7 @@ def test_exact_zeros(dtype: torch.dtype) -> None:
     tiny = torch.tensor([torch.finfo(dtype).tiny, -torch.finfo(dtype).tiny, 0.0], dtype=dtype)
     ts = [t, zeros, neg_zeros, tiny]
     out = triton_partials(ts)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     assert out[0, ZERO].item() == int((t == 0).sum())
     assert out[1, ZERO].item() == CHUNK + 1 and out[2, ZERO].item() == 33
     assert out[3, ZERO].item() == 1
@@ -303,14 +335,14 @@ def test_random_many_tensors_against_reference() -> None:
         t = (torch.randn(shape, generator=g) * 10.0 ** (i % 5 - 2)).to(DTYPES[i % 4])
         ts.append(t)
     out = triton_partials(ts)
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     want = reference_partials(ts)
     np.testing.assert_array_equal(out[:, 2:].numpy(), want[:, 2:])
 
 
 def test_requires_grad_tensor() -> None:
     p = torch.randn(100, requires_grad=True)
-    assert_partials_close(triton_partials([p]), [p.detach()])
+    assert_triton_close(triton_partials([p]), [p.detach()])
 
 
 def test_rejects_non_floating() -> None:
@@ -337,7 +369,7 @@ _CUDA_CHECK = textwrap.dedent(
     import torch
     from gradwatch.kernels.triton_reduce import triton_partials
     sys.path.insert(0, os.environ["GW_TESTS_DIR"])
-    from reference import assert_partials_close
+    from reference import assert_triton_close
 
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cuda")
@@ -372,7 +404,7 @@ _CUDA_CHECK = textwrap.dedent(
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.device == ts[0].device and out.dtype == torch.float64
-    assert_partials_close(out, ts)
+    assert_triton_close(out, ts)
     print("cuda ok")
     """
 )
