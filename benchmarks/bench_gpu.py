@@ -8,8 +8,9 @@ params and grads, bf16 autocast, fused AdamW. Configurations, interleaved round-
   clip+item     HF-style: clip_grad_norm_(1.0) and .item() of the norm every step
   norm().item() per-tensor .norm().item() loop every step
 
-Also: the fused kernel alone on the model's gradients against a device-to-device copy of the same
-bytes (achieved bandwidth), and host syncs per step counted with torch.cuda.set_sync_debug_mode.
+Also: the fused kernel alone on the model's gradients (fp32, and cast to bf16 and fp16) against a
+device-to-device copy of the same bytes (achieved bandwidth) and torch._foreach_norm, the host
+time of one kernel call, and host syncs per step counted with torch.cuda.set_sync_debug_mode.
 
 Run:  python benchmarks/bench_gpu.py [--batch 8] [--steps 20] [--json out.json]
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import statistics
+import time
 import warnings
 
 import torch
@@ -163,30 +165,57 @@ def main() -> None:
     sync_counts["clip+item"] = syncs(step_clip_item)
     sync_counts["norm().item() loop"] = syncs(step_norm_loop)
 
-    # kernel vs copy bandwidth on the model's fp32 gradients
+    # kernel vs copy bandwidth on the model's gradients, as fp32 and as bf16/fp16 copies
     fwd_bwd()
     grads = [p.grad for p in params]
-    nbytes = sum(g.numel() * g.element_size() for g in grads)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(src)
 
     def kernel_ms(fn, n=20, device_only: bool = False) -> float:
         for _ in range(3):
             fn()
         return time_steps(fn, n, device_only)
 
-    t_kernel = kernel_ms(lambda: triton_partials(grads))
-    t_copy = kernel_ms(lambda: dst.copy_(src))
-    try:
-        t_kernel_dev = kernel_ms(lambda: triton_partials(grads), device_only=True)
-        t_copy_dev = kernel_ms(lambda: dst.copy_(src), device_only=True)
-    except Exception as exc:  # noqa: BLE001 - a private helper: never lose the rest of the run
-        print(f"device-only timing unavailable: {exc!r}")
-        t_kernel_dev = t_copy_dev = math.nan
-    bw_kernel = nbytes / (t_kernel * 1e-3) / 1e9  # bytes read
-    bw_copy = 2 * nbytes / (t_copy * 1e-3) / 1e9  # bytes read + written
-    bw_kernel_dev = nbytes / (t_kernel_dev * 1e-3) / 1e9
-    bw_copy_dev = 2 * nbytes / (t_copy_dev * 1e-3) / 1e9
+    def host_us(fn, n=50) -> float:
+        """Host time of one call (queued, not waited for)."""
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        return dt * 1e6
+
+    def kernel_vs_copy(gs: list[torch.Tensor]) -> dict[str, float]:
+        nbytes = sum(g.numel() * g.element_size() for g in gs)
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
+        dst = torch.empty_like(src)
+        row: dict[str, float] = {"bytes": nbytes}
+        row["kernel_us"] = 1e3 * kernel_ms(lambda: triton_partials(gs))
+        row["copy_us"] = 1e3 * kernel_ms(lambda: dst.copy_(src))
+        row["host_us"] = host_us(lambda: triton_partials(gs))
+        try:
+            row["kernel_device_us"] = 1e3 * kernel_ms(lambda: triton_partials(gs), device_only=True)
+            row["copy_device_us"] = 1e3 * kernel_ms(lambda: dst.copy_(src), device_only=True)
+            row["foreach_norm_device_us"] = 1e3 * kernel_ms(
+                lambda: torch._foreach_norm(gs), device_only=True
+            )
+        except Exception as exc:  # noqa: BLE001 - a private helper: never lose the rest of the run
+            print(f"device-only timing unavailable: {exc!r}")
+            row["kernel_device_us"] = row["copy_device_us"] = math.nan
+            row["foreach_norm_device_us"] = math.nan
+        # kernel: bytes read; copy: bytes read + written, in the same time unit
+        row["kernel_pct_of_copy"] = 100 * 0.5 * row["copy_us"] / row["kernel_us"]
+        row["kernel_device_pct_of_copy"] = (
+            100 * 0.5 * row["copy_device_us"] / row["kernel_device_us"]
+        )
+        return row
+
+    bandwidth: dict[str, dict[str, float]] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            gs = grads if dtype == torch.float32 else [g.to(dtype) for g in grads]
+            bandwidth[str(dtype).removeprefix("torch.")] = kernel_vs_copy(gs)
+        except Exception as exc:  # noqa: BLE001 - never lose the step-time table above
+            print(f"kernel timing for {dtype} failed: {exc!r}")
 
     med = {k: statistics.median(v) for k, v in times.items()}
     name = torch.cuda.get_device_name()
@@ -204,13 +233,24 @@ def main() -> None:
         )
     lines += [
         "",
-        f"fused kernel on {nbytes / 1e6:.0f} MB of fp32 grads: {t_kernel * 1e3:.0f} µs,"
-        f" {bw_kernel:.0f} GB/s read; device-to-device copy of the same bytes:"
-        f" {t_copy * 1e3:.0f} µs, {bw_copy:.0f} GB/s read+write;"
-        f" kernel at {100 * bw_kernel / bw_copy:.0f}% of copy bandwidth (end to end, host setup"
-        f" included); device time only: kernel {t_kernel_dev * 1e3:.0f} µs"
-        f" ({bw_kernel_dev:.0f} GB/s), copy {t_copy_dev * 1e3:.0f} µs ({bw_copy_dev:.0f} GB/s),"
-        f" kernel at {100 * bw_kernel_dev / bw_copy_dev:.0f}%",
+        "Fused kernel on the model's gradients (as fp32, and cast to bf16/fp16) against a"
+        " device-to-device copy of the same bytes (read + written). 'device only': the GPU spins"
+        " first so the host queues every call ahead and events time the kernels back to back;"
+        " 'end to end': host setup between calls included; host µs: one call's host time.",
+        "",
+        "| grads | MB | kernel µs (device only) | copy µs (device only) | kernel % of copy"
+        " bandwidth (device only) | end to end % | host µs / call | _foreach_norm µs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in bandwidth.items():
+        lines.append(
+            f"| {k} | {r['bytes'] / 1e6:.0f} | {r['kernel_device_us']:.0f} |"
+            f" {r['copy_device_us']:.0f} | {r['kernel_device_pct_of_copy']:.0f}% |"
+            f" {r['kernel_pct_of_copy']:.0f}% | {r['host_us']:.0f} |"
+            f" {r['foreach_norm_device_us']:.0f} |"
+        )
+    lines += [
+        "",
         f"gradwatch during timing: collected {collected}, dropped {dropped},"
         f" errors {errors or 0}; errors during the sync count: {gw_errors or 0}",
     ]
@@ -222,13 +262,7 @@ def main() -> None:
                     "gpu": name,
                     "median_step_ms": med,
                     "host_syncs_per_step": sync_counts,
-                    "kernel_us": t_kernel * 1e3,
-                    "kernel_device_us": t_kernel_dev * 1e3,
-                    "copy_device_us": t_copy_dev * 1e3,
-                    "copy_us": t_copy * 1e3,
-                    "kernel_GBps": bw_kernel,
-                    "copy_GBps": bw_copy,
-                    "bytes": nbytes,
+                    "kernel_vs_copy": bandwidth,
                     "params": n_params,
                     "dropped": dropped,
                     "finite": all(math.isfinite(v) for v in med.values()),
