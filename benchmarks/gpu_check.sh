@@ -12,7 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$out/gpu.txt"
 status=0
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider -m cuda \
-  tests/test_cuda.py tests/test_triton_kernel.py 2>&1 | tee "$out/cuda-tests.txt" || status=1
+  tests/test_cuda.py tests/test_cuda_signals.py tests/test_triton_kernel.py 2>&1 \
+  | tee "$out/cuda-tests.txt" || status=1
 if [ "${FULL:-0}" = 1 ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda 2>&1 \
     | tee -a "$out/cuda-tests.txt" || status=1

@@ -42,7 +42,6 @@ from .kernels import MAXABS
 log = logging.getLogger("gradwatch")
 
 GROUP_TIMEOUT = timedelta(seconds=120)  # a mismatched collective fails instead of hanging forever
-_SUM_COLS = [c for c in range(6) if c != MAXABS]
 
 _groups: dict[str, object] = {}
 
@@ -160,7 +159,9 @@ def start_combine(partials: torch.Tensor, owned: np.ndarray):
         mask = mask.pin_memory()  # a pageable host-to-device copy would sync the stream
     mask = mask.to(partials.device, non_blocking=True)
     counted = torch.where(mask[:, None], partials, torch.zeros_like(partials))
-    sums = counted[:, _SUM_COLS].contiguous()
+    # Column slices, never a list index: a Python list indexing a CUDA tensor is first copied to
+    # the device from pageable memory, which synchronizes the host.
+    sums = torch.cat([counted[:, :MAXABS], counted[:, MAXABS + 1 :]], dim=1)  # 5 summed columns
     maxes = counted[:, MAXABS].contiguous()
     pg = group("gloo" if partials.device.type == "cpu" else "device")
     dist = torch.distributed
@@ -174,10 +175,7 @@ def start_combine(partials: torch.Tensor, owned: np.ndarray):
 def finish_combine(parts) -> torch.Tensor:
     """Reassemble [T, 6] from the reduced sums and maxes (after the works completed)."""
     sums, maxes = parts
-    out = torch.empty((sums.shape[0], 6), dtype=sums.dtype, device=sums.device)
-    out[:, _SUM_COLS] = sums
-    out[:, MAXABS] = maxes
-    return out
+    return torch.cat([sums[:, :MAXABS], maxes[:, None], sums[:, MAXABS:]], dim=1)
 
 
 # ---- discovery ----
