@@ -14,8 +14,7 @@ clip_grad_norm_ and GradScaler.step) raises out of the loop.
 FSDP2 runs in this process with a world of one (gloo on the CPU, NCCL on CUDA). gradwatch combines
 only when more than one rank runs (``distributed.active()``), so the tests patch ``active`` to say
 yes: the all-reduce pair then really runs, over one rank, where it leaves every owned row as it is.
-The CUDA case of ``test_fsdp2_clip_norm_is_a_dtensor`` is expected to fail (xfail, not strict):
-clip_grad_norm_ returns a DTensor under FSDP2, which the CUDA path cannot copy to pinned memory.
+Under FSDP2 clip_grad_norm_ returns a replicated DTensor: gradwatch reads its local copy.
 """
 
 from __future__ import annotations
@@ -563,22 +562,7 @@ def test_fsdp2_partials_combined_on_the_device(device, world_of_one, monkeypatch
     assert info == {"0": "encoder.0.weight", "1": "head.weight"}
 
 
-_DTENSOR_NORM_BUG = (
-    "collector._context puts clip_grad_norm_'s DTensor norm into the pinned copy of the CUDA path"
-    " (copy_ of a DTensor into a plain tensor fails): every step with a clip is lost"
-)
-
-
-@pytest.mark.parametrize(
-    "device",
-    [
-        DIST_DEVICES[0],
-        pytest.param(
-            "cuda",
-            marks=[*_CUDA_MARKS, _NCCL, pytest.mark.xfail(reason=_DTENSOR_NORM_BUG, strict=False)],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DIST_DEVICES)
 def test_fsdp2_clip_norm_is_a_dtensor(device, world_of_one):
     """clip_grad_norm_ over FSDP2 params returns a DTensor: its value is reported like a plain
     tensor's (on the CPU it is read at once; on CUDA it must travel in the pinned copy)."""
@@ -618,3 +602,21 @@ def test_fsdp2_clip_norm_is_a_dtensor(device, world_of_one):
     assert coef == pytest.approx(min(1.0, 0.1 / (norm + 1e-6)), rel=1e-15)
     assert value(samples, "grad_clipped_steps_total") == watch.collected_steps
     compare(samples, cap.unscaled(s))
+
+
+@pytest.mark.parametrize("device", DIST_DEVICES)
+def test_replicated_value_never_communicates(device, world_of_one):
+    """A replicated DTensor gives its local copy; a Partial one (reading it needs an all-reduce)
+    gives None, so the clip hook never issues a collective of its own."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh(device, (1,))
+    local = torch.tensor(3.0, device=device)
+    plain = torch.tensor(2.0, device=device)
+    assert distributed.replicated_value(plain) is plain
+    rep = DTensor.from_local(local, mesh, [Replicate()])
+    assert distributed.replicated_value(rep) is not None
+    assert float(distributed.replicated_value(rep)) == 3.0
+    partial = DTensor.from_local(local, mesh, [Partial()])
+    assert distributed.replicated_value(partial) is None

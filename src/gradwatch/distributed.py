@@ -86,6 +86,17 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
+def replicated_value(t: torch.Tensor) -> torch.Tensor | None:
+    """A plain tensor holding t's value without communication: t itself, or a replicated
+    DTensor's local copy (what clip_grad_norm_ returns under FSDP2). None for a DTensor with
+    Partial/Shard placements: reading those needs a collective, never issued from a hook."""
+    if not _is_dtensor(t):
+        return t
+    if all(p.is_replicate() for p in t.placements):
+        return t.to_local()
+    return None
+
+
 _owned_cache: dict[tuple, bool] = {}
 
 

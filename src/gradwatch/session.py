@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from . import distributed
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
 from .config import Config, SettingError, from_env
 
@@ -175,6 +176,9 @@ class Session:
             if self.closed or os.getpid() != self._pid:
                 return
             if float(norm_type) != 2.0 or not isinstance(total_norm, torch.Tensor):
+                return
+            total_norm = distributed.replicated_value(total_norm)  # FSDP2: a DTensor
+            if total_norm is None:
                 return
             if isinstance(max_norm, torch.Tensor):
                 if max_norm.device.type != "cpu":
