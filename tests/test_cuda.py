@@ -178,3 +178,50 @@ def test_dtypes_and_huge_values_on_cuda(dtype):
     # 16-bit sums: float32 lanes on CUDA, within the kernel's stated bound (1e-10 otherwise)
     bound = sum_relative_error_bound(dtype, torch.device("cuda"))
     check(got, cap.unscaled(-1), rtol=max(1e-10, bound))
+
+
+def test_torch_backend_on_cuda_is_sync_free_and_exact():
+    """GRADWATCH_BACKEND=torch (or no Triton) on CUDA: device ops, still no host sync."""
+    from gradwatch.kernels.torch_fallback import DEVICE_CHUNK, device_partials
+    from reference import assert_partials_close
+
+    torch.manual_seed(2)
+    model = make_model(width=128, depth=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 100, (32,), device="cuda")
+
+    def step():
+        opt.zero_grad()
+        model(tokens).pow(2).mean().backward()
+        opt.step()
+
+    with gradwatch.watch(model, opt, port=0, backend="torch") as h:
+        cap = Capture(opt)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        watch = h.session.watches()[0]
+        assert watch.errors.nonzero() == {}, watch.errors.counts
+        assert watch.backend_names == {"torch"}
+        got = settle(h)
+    check(got, cap.unscaled(got["step"] - 1))
+
+    big = torch.randn(2 * DEVICE_CHUNK + 3, device="cuda") * 1e20  # several slices, fp32 1e20
+    big[DEVICE_CHUNK + 1] = float("nan")
+    half = torch.randn(1000, device="cuda").bfloat16()
+    half[:10] = 0
+    ts = [big, half, torch.empty(0, device="cuda"), big[::3]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = device_partials(ts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.device.type == "cuda"
+    assert_partials_close(out, ts)

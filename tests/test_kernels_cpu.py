@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradwatch.kernels import cpu_native
+from gradwatch.kernels import cpu_native, torch_fallback
 from gradwatch.kernels.torch_fallback import torch_partials
 from reference import assert_partials_close, reference_partials
 
@@ -44,11 +44,18 @@ def _require_native() -> None:
         pytest.skip(msg)
 
 
-@pytest.fixture(params=["native", "torch"])
-def partials(request: pytest.FixtureRequest) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+@pytest.fixture(params=["native", "torch", "device"])
+def partials(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     if request.param == "native":
         _require_native()
         return cpu_native.native_partials
+    if request.param == "device":
+        # The sync-free fallback for CUDA without Triton runs on any device: checked here on the
+        # CPU, with small slices so multi-slice tensors take the combining path.
+        monkeypatch.setattr(torch_fallback, "DEVICE_CHUNK", 1000)
+        return torch_fallback.device_partials
     return torch_partials
 
 

@@ -19,10 +19,11 @@ class Backend:
     partials: Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
-def _torch() -> Backend:
-    from .torch_fallback import torch_partials
+def _torch(device: torch.device) -> Backend:
+    from .torch_fallback import device_partials, torch_partials
 
-    return Backend("torch", torch_partials)
+    # On the CPU: the host-side fallback (fastest there); elsewhere: sync-free device ops.
+    return Backend("torch", torch_partials if device.type == "cpu" else device_partials)
 
 
 def _native() -> Backend | None:
@@ -54,5 +55,5 @@ def select_backend(device: torch.device, preference: str = "auto") -> Backend:
             log.warning(
                 "gradwatch: backend %r is not available for %s; using torch ops", preference, device
             )
-        chosen = _torch()
+        chosen = _torch(device)
     return chosen

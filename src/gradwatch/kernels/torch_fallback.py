@@ -17,13 +17,14 @@ there are none); only there is the NaN-propagating max recomputed over the non-N
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from gradwatch.kernels import N_PARTIALS
 
-__all__ = ["torch_partials", "is_non_overlapping_and_dense", "DTYPE_CODES"]
+__all__ = ["torch_partials", "device_partials", "is_non_overlapping_and_dense", "DTYPE_CODES"]
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 0,
@@ -154,3 +155,58 @@ def _large_tensor(t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         [float(sq.sum()), float(torch.stack(abss).sum()), float(maxabs.max()), nan, inf, zero],
         dtype=torch.float64,
     )
+
+
+DEVICE_CHUNK = 1 << 20
+"""Elements per slice in ``device_partials`` (an 8 MiB float64 buffer on the device)."""
+
+
+@torch.no_grad()
+def device_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Partials [T, 6] float64 on the tensors' device with torch ops only and no host sync.
+
+    The fallback for accelerators without Triton (or ``GRADWATCH_BACKEND=torch`` on CUDA): the
+    same exact contract as the kernels, at the price of ~10 launches per ``DEVICE_CHUNK``
+    elements. Each slice is widened into one reused float64 buffer, so transient memory is
+    O(DEVICE_CHUNK), never O(elements). Results stay on the device (nothing is read back).
+
+    >>> device_partials([torch.tensor([3.0, -4.0, 0.0])]).tolist()
+    [[25.0, 7.0, 4.0, 0.0, 0.0, 1.0]]
+    """
+    ts = list(tensors)
+    for t in ts:
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"unsupported dtype {t.dtype}: need float32/float16/bfloat16/float64")
+    if not ts:
+        return torch.zeros((0, N_PARTIALS), dtype=torch.float64)
+    device = ts[0].device
+    if any(t.device != device for t in ts):
+        raise ValueError("device_partials needs all tensors on one device")
+    out = torch.zeros((len(ts), N_PARTIALS), dtype=torch.float64, device=device)
+    largest = max(t.numel() for t in ts)
+    if largest == 0:
+        return out
+    buf = torch.empty(min(DEVICE_CHUNK, largest), dtype=torch.float64, device=device)
+    for i, t in enumerate(ts):
+        if t.numel():
+            out[i] = _device_row(_flat(t), buf)
+    return out
+
+
+def _device_row(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for c in x.split(DEVICE_CHUNK):
+        b = buf[: c.numel()]
+        b.copy_(c)  # exact widening; every reduction below reads the cache-hot buffer
+        nonzero = torch.count_nonzero(b)
+        nan = torch.isnan(b).sum()
+        inf = torch.isinf(b).sum()
+        sumsq = torch.dot(b, b)
+        sumabs = b.abs_().sum()
+        maxabs = b.nan_to_num_(nan=0.0, posinf=math.inf).amax()  # max over non-NaN values
+        counts = torch.stack([nan, inf, c.numel() - nonzero]).to(torch.float64)
+        rows.append(torch.cat([torch.stack([sumsq, sumabs, maxabs]), counts]))
+    if len(rows) == 1:
+        return rows[0]
+    r = torch.stack(rows)
+    return torch.cat([r[:, :2].sum(0), r[:, 2].amax().reshape(1), r[:, 3:].sum(0)])
