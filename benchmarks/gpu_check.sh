@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$out/gpu.txt"
 status=0
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda \
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -ra -p no:cacheprovider -m cuda \
   tests/test_cuda.py tests/test_cuda_signals.py tests/test_triton_kernel.py 2>&1 \
   | tee "$out/cuda-tests.txt" || status=1
 timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
