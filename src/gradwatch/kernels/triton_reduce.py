@@ -58,10 +58,17 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
 
 _ALIGN_BYTES = 16  # one 128-bit vector load
 
-# (BLOCK, SUB, num_warps), CHUNK = BLOCK * SUB elements per program. CUDA: 8 elements per thread
-# per load; a 124M-element gradient set gives ~15k programs, plenty to fill 132 SMs. Interpreter:
-# small chunks so tests exercise multi-chunk tensors with a few thousand elements.
-_CUDA_CONFIG: tuple[int, int, int] = (1024, 8, 4)
+# (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB elements per program. CUDA: 8
+# elements per thread per load (BLOCK = 256 * num_warps: one 128-bit load of 16-bit values);
+# a 124M-element gradient set gives thousands of programs, plenty to fill 132 SMs. Every program
+# starts with a binary search over the slot table (dependent loads), so the chunk must be large
+# enough to hide it. Interpreter: small chunks so tests exercise multi-chunk tensors with a few
+# thousand elements.
+_CUDA_CONFIGS: dict[int, tuple[int, int, int]] = {
+    2: (1024, 8, 4),
+    4: (1024, 8, 4),
+    8: (1024, 8, 4),
+}
 _INTERPRET_CONFIG: tuple[int, int, int] = (128, 2, 4)
 
 _ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
@@ -85,9 +92,10 @@ def triton_available() -> bool:
         return False
 
 
-def launch_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK, SUB, num_warps) used for ``device``; CHUNK = BLOCK * SUB elements per program."""
-    cfg = _CUDA_CONFIG if device.type == "cuda" else _INTERPRET_CONFIG
+def launch_config(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(BLOCK, SUB, num_warps) for ``dtype`` on ``device``; CHUNK = BLOCK * SUB elements per
+    program."""
+    cfg = _CUDA_CONFIGS[_ITEMSIZE[dtype]] if device.type == "cuda" else _INTERPRET_CONFIG
     assert cfg[1] < 1024, "SUB must fit the kernel's 10-bit packed counters"
     return cfg
 
@@ -100,7 +108,7 @@ def sum_relative_error_bound(dtype: torch.dtype, device: torch.device) -> float:
     of summing n values in float64 (n * 2**-53; callers treat it as zero).
     """
     if dtype in (torch.float16, torch.bfloat16):
-        return (launch_config(device)[1] - 1) * 2.0**-24
+        return (launch_config(device, dtype)[1] - 1) * 2.0**-24
     return 0.0
 
 
@@ -364,8 +372,8 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     shift = (addr[rows] % _ALIGN_BYTES) // itemsize
     base = addr[rows] - shift * itemsize
     hi = shift + numel[rows]
-    block, sub, num_warps = launch_config(device)
-    chunk = block * sub
+    configs = [launch_config(device, dt) for dt in _DTYPES]
+    chunk = np.array([blk * sub for blk, sub, _ in configs], dtype=np.int64)[codes[rows]]
     n_slots = rows.size
     cstart = np.zeros(n_slots + 1, dtype=np.int64)
     np.cumsum(-(-hi // chunk), out=cstart[1:])
@@ -386,6 +394,7 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             if n_g == 0:
                 continue
             dtype = _DTYPES[code]
+            block, sub, num_warps = configs[code]
             chunk0 = int(cstart[slot0])
             kern[(int(cstart[slot0 + n_g]) - chunk0,)](
                 tab,
