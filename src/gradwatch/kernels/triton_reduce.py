@@ -29,7 +29,7 @@ expanded views) are the only ones copied, one ``.contiguous()`` each.
 
 Arithmetic. float32/float64 chunks widen every value to float64 and count NaN/inf/zeros exactly.
 float16/bfloat16 chunks would be compute-bound that way (2e12 elements/s at 4 TB/s), so they
-take a float32 fast path (squares exact, 8-value lane sums in float32, relative error at most
+take a float32 fast path (squares exact, SUB-value lane sums in float32, relative error at most
 ``sum_relative_error_bound``) and are reread on the exact path only when the fast result
 cannot be trusted (NaN/inf, float32 overflow, values too small for float32 squares).
 Instruction counts (sm_90 SASS, interior chunk): 14 per bf16 element on the exact path, 7 on
@@ -58,15 +58,15 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
 
 _ALIGN_BYTES = 16  # one 128-bit vector load
 
-# (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB elements per program. CUDA: 8
-# elements per thread per load (BLOCK = 256 * num_warps: one 128-bit load of 16-bit values);
-# a 124M-element gradient set gives thousands of programs, plenty to fill 132 SMs. Every program
-# starts with a binary search over the slot table (dependent loads), so the chunk must be large
-# enough to hide it. Interpreter: small chunks so tests exercise multi-chunk tensors with a few
-# thousand elements.
+# (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB elements per program, 64 KB of
+# 16/32-bit gradients. Every program starts with a binary search over the slot table (dependent
+# loads) that the chunk must amortize: chosen with benchmarks/kernel_sweep.py on an H200 (GPT-2
+# small shapes): 8K-element chunks reached 67-78% of copy bandwidth, 16K-32K 75-82%, 64K and
+# wider blocks (8-16 warps) less. Interpreter: small chunks so tests exercise multi-chunk tensors
+# with a few thousand elements.
 _CUDA_CONFIGS: dict[int, tuple[int, int, int]] = {
-    2: (1024, 8, 4),
-    4: (1024, 8, 4),
+    2: (512, 32, 2),
+    4: (1024, 16, 4),
     8: (1024, 8, 4),
 }
 _INTERPRET_CONFIG: tuple[int, int, int] = (128, 2, 4)
@@ -151,7 +151,7 @@ def _partials_kernel(
         # three exact counts per element. Fast path in float32 instead: a 16-bit value's square
         # is exact in float32 (at most 22 significant bits); each lane sums its SUB squares (and
         # abs values) in float32, then lanes and chunks add in float64. All terms are >= 0, so
-        # the relative error is at most (SUB - 1) * 2**-24 (4.2e-7 at SUB = 8); float64
+        # the relative error is at most (SUB - 1) * 2**-24 (1.8e-6 at SUB = 32); float64
         # accumulation of the same values would give ~1e-16, and torch's own norm of a 16-bit
         # tensor accumulates everything in float32. Per element: a multiply-add, an add, a max
         # and one compare for the zero count; no NaN/inf tests (see the redo below).
