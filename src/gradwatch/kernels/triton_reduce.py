@@ -6,9 +6,10 @@ and adds its six partials into the tensor's output row with atomics (``atomic_ad
 for sums and counts, ``atomic_max`` on the int64 bit pattern for the max: abs values are >= 0
 and never NaN here, and non-negative doubles order like their bit patterns).
 
-The only host->device traffic is one int64 table of ``5 * S + 1`` entries (S = non-empty
-tensors), built from ``data_ptr()``/``numel()`` (host metadata, no sync) and sent from pinned
-memory with ``non_blocking=True``. Slots are grouped by dtype; per slot ``j``:
+The only host->device traffic is one int64 buffer: a table of ``5 * S + 1`` entries (S =
+non-empty tensors), built from ``data_ptr()``/``numel()`` (host metadata, no sync), followed by
+the zeroed output, sent from pinned memory with ``non_blocking=True``. Slots are grouped by
+dtype; per slot ``j``:
 
 * ``base[j]``: the tensor's lowest address rounded down to 16 bytes;
 * ``lo[j]``, ``hi[j]``: its elements relative to ``base`` (``lo`` in 0..7, ``hi = lo + numel``);
@@ -362,10 +363,9 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 keep_alive.append(copy)
                 addr[i] = copy.data_ptr()
 
-    out = torch.zeros((n_tensors, N_PARTIALS), dtype=torch.float64, device=device)
     rows = np.flatnonzero(numel)  # empty tensors keep an all-zero row
     if rows.size == 0:
-        return out
+        return torch.zeros((n_tensors, N_PARTIALS), dtype=torch.float64, device=device)
     # Slots: the non-empty tensors, grouped by dtype (stable: tensor order within a group).
     rows = rows[np.argsort(codes[rows], kind="stable")]
     itemsize = _ITEMSIZE_BY_CODE[codes[rows]]
@@ -377,15 +377,22 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     n_slots = rows.size
     cstart = np.zeros(n_slots + 1, dtype=np.int64)
     np.cumsum(-(-hi // chunk), out=cstart[1:])
-    table = torch.from_numpy(np.concatenate([base, shift, hi, rows, cstart]))
-    # One table, one H2D copy. On CUDA it is pinned: a non_blocking copy from pinned memory is
-    # an async DMA ordered on the current stream before the kernels, and the caching host
-    # allocator keeps the block until that copy has finished. From pageable memory the same
-    # copy would block the host.
-    tab = table.pin_memory().to(device, non_blocking=True) if is_cuda else table
+    # One buffer, one H2D copy: the table, then the zeroed [T, 6] output (int64 zeros are
+    # float64 zeros), so no separate fill kernel runs before the reduction. On CUDA it is
+    # pinned: a non_blocking copy from pinned memory is an async DMA ordered on the current
+    # stream before the kernels, and the caching host allocator keeps the block until that copy
+    # has finished. From pageable memory the same copy would block the host.
+    n_tab = 5 * n_slots + 1
+    host = np.zeros(n_tab + n_tensors * N_PARTIALS, dtype=np.int64)
+    np.concatenate([base, shift, hi, rows, cstart], out=host[:n_tab])
+    buf = torch.from_numpy(host)
+    if is_cuda:
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    tab = buf[:n_tab]
+    out_bits = buf[n_tab:].view(n_tensors, N_PARTIALS)
+    out = out_bits.view(torch.float64)
 
     kern = _kernel(interpret)
-    out_bits = out.view(torch.int64)
     group_sizes = np.bincount(codes[rows], minlength=len(_DTYPES))
     guard = torch.cuda.device(device) if is_cuda else contextlib.nullcontext()
     with guard:  # triton launches on the current device's current stream
