@@ -16,6 +16,7 @@ import gradwatch
 from gradwatch.catalog import BY_PROM_NAME, Thresholds
 from gradwatch.kernels.triton_reduce import sum_relative_error_bound
 from reference import reference_stats, to_float64_numpy
+from util import no_host_sync
 
 pytestmark = [
     pytest.mark.cuda,
@@ -104,13 +105,9 @@ def test_no_host_sync_fused_adamw_grad_scaler_and_planted_item_is_caught():
         cap = Capture(opt)
         for _ in range(3):  # warm-up: Triton compiles, the endpoint starts
             step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync("cuda"):
             for _ in range(10):
                 step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         watch = h.session.watches()[0]
         assert watch.errors.nonzero() == {}, watch.errors.counts
         assert watch.backend_names == {"triton"}
@@ -130,11 +127,10 @@ def test_no_host_sync_fused_adamw_grad_scaler_and_planted_item_is_caught():
             return out
 
         object.__setattr__(backend, "partials", planted)
-        torch.cuda.set_sync_debug_mode("error")
         try:
-            step()
+            with no_host_sync("cuda"):
+                step()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
             object.__setattr__(backend, "partials", original)
         assert watch.errors.counts.get("collect", 0) == 1  # caught, counted, training went on
 
@@ -199,13 +195,9 @@ def test_torch_backend_on_cuda_is_sync_free_and_exact():
         cap = Capture(opt)
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync("cuda"):
             for _ in range(3):
                 step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         watch = h.session.watches()[0]
         assert watch.errors.nonzero() == {}, watch.errors.counts
         assert watch.backend_names == {"torch"}
@@ -217,11 +209,7 @@ def test_torch_backend_on_cuda_is_sync_free_and_exact():
     half = torch.randn(1000, device="cuda").bfloat16()
     half[:10] = 0
     ts = [big, half, torch.empty(0, device="cuda"), big[::3]]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync("cuda"):
         out = device_partials(ts)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert out.device.type == "cuda"
     assert_partials_close(out, ts)

@@ -19,7 +19,6 @@ Under FSDP2 clip_grad_norm_ returns a replicated DTensor: gradwatch reads its lo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -32,7 +31,7 @@ from torch import nn
 import gradwatch
 from gradwatch import distributed
 from reference import COUNTS, MAGNITUDES, reference_stats, to_float64_numpy
-from util import fetch, free_port, parse, value
+from util import fetch, free_port, no_host_sync, parse, value
 
 _CUDA_MARKS = [
     pytest.mark.cuda,
@@ -47,20 +46,6 @@ DIST_DEVICES = [
     pytest.param("cuda", marks=[*_CUDA_MARKS, _NCCL]),
 ]
 WARMUP = 3  # steps before the sync check: Triton compiles, the endpoint starts, NCCL connects
-
-
-@contextlib.contextmanager
-def no_host_sync(device: str):
-    """On CUDA a host sync in the block raises (sync debug mode "error"); on the CPU: nothing."""
-    if device != "cuda":
-        yield
-        return
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def settle(handle, device: str):

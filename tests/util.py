@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import urllib.request
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -77,3 +79,17 @@ def free_port_pair() -> int:
         except OSError:
             continue
     raise RuntimeError("no two consecutive free ports")
+
+
+@contextlib.contextmanager
+def no_host_sync(device: str):
+    """On CUDA a host sync in the block raises (sync debug mode "error"); on the CPU: nothing."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
