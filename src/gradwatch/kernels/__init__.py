@@ -6,8 +6,11 @@ Contract shared by every backend (CPU native, Triton, plain torch):
 
 =========  ==============================================================
 SUMSQ  0   sum of x*x over the tensor, accumulated in float64 (NaN if any
-           element is NaN, +inf if any is +-inf)
-SUMABS 1   sum of abs(x), accumulated in float64 (same NaN/inf rules)
+           element is NaN, +inf if any is +-inf); the Triton kernel adds
+           float16/bfloat16 values in float32 lanes of SUB values first
+           (relative error <= (SUB - 1) * 2**-24, see triton_reduce)
+SUMABS 1   sum of abs(x), accumulated in float64 (same NaN/inf and
+           16-bit rules)
 MAXABS 2   max of abs(x) over the non-NaN elements (+inf if any is +-inf);
            0 for an empty tensor or one holding only NaN
 NAN    3   number of NaN elements (exact)
@@ -18,7 +21,8 @@ ZERO   5   number of elements exactly equal to 0 (+0 and -0)
 Tensors of one call share a device but may mix dtypes (float16, bfloat16, float32, float64);
 they may be empty, hold one element, or be non-contiguous. Element counts are known on the host
 (``numel()``) and are not part of the result. No backend copies all gradients into one buffer:
-extra memory is O(T), never O(elements).
+extra memory is O(T), never O(elements) (the torch fallback on a device adds one reused
+buffer of a fixed size).
 """
 
 from __future__ import annotations

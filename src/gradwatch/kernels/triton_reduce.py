@@ -59,12 +59,12 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
 
 _ALIGN_BYTES = 16  # one 128-bit vector load
 
-# (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB elements per program, 64 KB of
-# 16/32-bit gradients. Every program starts with a binary search over the slot table (dependent
-# loads) that the chunk must amortize: chosen with benchmarks/kernel_sweep.py on an H200 (GPT-2
-# small shapes): 8K-element chunks reached 67-78% of copy bandwidth, 16K-32K 75-82%, 64K and
-# wider blocks (8-16 warps) less. Interpreter: small chunks so tests exercise multi-chunk tensors
-# with a few thousand elements.
+# (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB = 16K elements per program
+# (64 KB of fp32, 32 KB of 16-bit gradients). Every program starts with a binary search over the
+# slot table (dependent loads) that the chunk must amortize: chosen with
+# benchmarks/kernel_sweep.py on an H200 (GPT-2 small shapes): 8K-element chunks reached 67-78% of
+# copy bandwidth, 16K-32K 75-82%, 64K and wider blocks (8-16 warps) less. Interpreter: small
+# chunks so tests exercise multi-chunk tensors with a few thousand elements.
 _CUDA_CONFIGS: dict[int, tuple[int, int, int]] = {
     2: (512, 32, 2),
     4: (1024, 16, 4),
