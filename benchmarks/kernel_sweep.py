@@ -84,6 +84,11 @@ def main() -> None:
         default=None,
         help="candidates as BLOCK,SUB,WARPS;... (default: the built-in list)",
     )
+    ap.add_argument(
+        "--fanouts",
+        default=None,
+        help="slot-search fan-outs to try with every config, e.g. 2,64 (default: the module's)",
+    )
     args = ap.parse_args()
     candidates = CANDIDATES
     if args.configs:
@@ -101,8 +106,11 @@ def main() -> None:
         copy = copy_ms(nbytes)
         itemsize = ts[0].element_size()
         default = triton_reduce._CUDA_CONFIGS[itemsize]
-        for cfg in candidates:
+        fanouts = [int(f) for f in args.fanouts.split(",")] if args.fanouts else [None]
+        default_fanout = triton_reduce._SEARCH_FANOUT
+        for cfg, fanout in [(c, f) for c in candidates for f in fanouts]:
             triton_reduce._CUDA_CONFIGS[itemsize] = cfg
+            triton_reduce._SEARCH_FANOUT = fanout or default_fanout
             try:
                 got = triton_reduce.triton_partials(ts).cpu().numpy()
                 bound = max(1e-10, triton_reduce.sum_relative_error_bound(dtype, dev))
@@ -112,6 +120,7 @@ def main() -> None:
                 row = {
                     "dtype": str(dtype).removeprefix("torch."),
                     "config": cfg,
+                    "fanout": triton_reduce._SEARCH_FANOUT,
                     "kernel_us": ms * 1e3,
                     "copy_us": copy * 1e3,
                     "pct_of_copy": 100 * 0.5 * copy / ms,
@@ -124,6 +133,7 @@ def main() -> None:
             results.append(row)
             print(row, flush=True)
         triton_reduce._CUDA_CONFIGS[itemsize] = default
+        triton_reduce._SEARCH_FANOUT = default_fanout
     # host time of one call on the fp32 set: real launches, then launches stubbed out
     call = host_us(lambda: triton_reduce.triton_partials(base))
     kernels = triton_reduce._KERNELS
@@ -143,14 +153,18 @@ def main() -> None:
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     print(f"\nGPU: {torch.cuda.get_device_name()}")
-    print("| dtype | BLOCK, SUB, warps | kernel µs | copy µs | % of copy | max rel err | ok |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| dtype | BLOCK, SUB, warps | search fan-out | kernel µs | copy µs | % of copy |"
+        " max rel err | ok |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['dtype']} | {r['config']} | error: {r['error'][:80]} | | | | |")
+            print(f"| {r['dtype']} | {r['config']} | | error: {r['error'][:80]} | | | | |")
             continue
         print(
-            f"| {r['dtype']} | {r['config']} | {r['kernel_us']:.0f} | {r['copy_us']:.0f} |"
+            f"| {r['dtype']} | {r['config']} | {r['fanout']} | {r['kernel_us']:.0f} |"
+            f" {r['copy_us']:.0f} |"
             f" {r['pct_of_copy']:.0f}% | {r['max_rel_err']:.1e} | {r['ok']} |"
         )
     if args.json:

@@ -255,6 +255,25 @@ def test_large_magnitude_fp32_sums_in_float64() -> None:
     assert out[0, MAXABS].item() == float(np.float32(1e20))
 
 
+@pytest.mark.parametrize("fanout", [2, 4, 64])
+def test_slot_search_finds_every_chunk(fanout: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FANOUT-ary slot search over several rounds: 70 tensors in two dtype groups (the fp32
+    group starts at slot 35), sizes from 1 element to several chunks, each chunk counted once."""
+    monkeypatch.setattr(triton_reduce, "_SEARCH_FANOUT", fanout)
+    assert triton_reduce._search_levels(35) == {2: 6, 4: 3, 64: 1}[fanout]  # rounds per group
+    g = torch.Generator().manual_seed(fanout)
+    ts = [
+        (torch.randn(1 + (i * 997) % (3 * CHUNK), generator=g) + 1).to(
+            torch.bfloat16 if i % 2 else torch.float32
+        )
+        for i in range(70)
+    ]
+    out = triton_partials(ts)
+    assert_triton_close(out, ts)
+    # zero counts are exact per tensor: a chunk read twice or missed would show here
+    np.testing.assert_array_equal(out[:, ZERO].numpy(), reference_partials(ts)[:, ZERO])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_fast_path_error_bound_and_exact_redo(dtype: torch.dtype) -> None:
     """16-bit chunks sum in float32 lanes (error within the stated bound); chunks the float32

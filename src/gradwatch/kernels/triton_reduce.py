@@ -17,10 +17,10 @@ dtype; per slot ``j``:
 * ``cstart[j]``: its first chunk (prefix sum of chunk counts; ``cstart[S]`` = total).
 
 Chunk ``k`` of a slot covers ``[k*CHUNK, (k+1)*CHUNK)`` relative to ``base``, clipped to
-``[lo, hi)``. A program finds its slot by binary search over ``cstart`` (log2 of the group size
-cached loads), so the table stays O(tensors), not O(chunks). The loaded int64 ``base`` is cast
-to a typed pointer (``.to(tl.pointer_type(DTYPE))``); this works compiled and under
-``TRITON_INTERPRET=1`` (the interpreter treats int<->pointer casts as bitcasts and reads CPU
+``[lo, hi)``. A program finds its slot by a 64-ary search over ``cstart`` (one vector load per
+round, two rounds up to 4096 tensors), so the table stays O(tensors), not O(chunks). The loaded
+int64 ``base`` is cast to a typed pointer (``.to(tl.pointer_type(DTYPE))``); this works compiled and
+under ``TRITON_INTERPRET=1`` (the interpreter treats int<->pointer casts as bitcasts and reads CPU
 tensors in place). Because ``base`` is 16-byte aligned every interior chunk starts aligned and
 is loaded unmasked with 128-bit loads; only a tensor's first and last chunk take a masked path.
 
@@ -60,8 +60,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
 _ALIGN_BYTES = 16  # one 128-bit vector load
 
 # (BLOCK, SUB, num_warps) by element size; CHUNK = BLOCK * SUB = 16K elements per program
-# (64 KB of fp32, 32 KB of 16-bit gradients). Every program starts with a binary search over the
-# slot table (dependent loads) that the chunk must amortize: chosen with
+# (64 KB of fp32, 32 KB of 16-bit gradients). Every program starts with a search of the slot
+# table (dependent loads) that the chunk must amortize: chosen with
 # benchmarks/kernel_sweep.py on an H200 (GPT-2 small shapes): 8K-element chunks reached 67-78% of
 # copy bandwidth, 16K-32K 75-82%, 64K and wider blocks (8-16 warps) less. Interpreter: small
 # chunks so tests exercise multi-chunk tensors with a few thousand elements.
@@ -101,6 +101,19 @@ def launch_config(device: torch.device, dtype: torch.dtype = torch.float32) -> t
     return cfg
 
 
+# Slot search fan-out: 64 cstart values per round, so 2 dependent rounds cover 4096 tensors of a
+# dtype (a binary search took 12).
+_SEARCH_FANOUT = 64
+
+
+def _search_levels(n_slots: int) -> int:
+    """Rounds of the kernel's slot search: the least L with _SEARCH_FANOUT**L >= n_slots."""
+    levels = 0
+    while _SEARCH_FANOUT**levels < n_slots:
+        levels += 1
+    return levels
+
+
 def sum_relative_error_bound(dtype: torch.dtype, device: torch.device) -> float:
     """Bound on the relative error of one tensor's SUMSQ and SUMABS from this kernel.
 
@@ -123,7 +136,8 @@ def _partials_kernel(
     DTYPE: tl.constexpr,
     IS_HALF: tl.constexpr,  # float16/bfloat16: float32 fast path, float64 redo when needed
     IS_F64: tl.constexpr,
-    LOG_SLOTS: tl.constexpr,  # 2**LOG_SLOTS >= slots in this group
+    FANOUT: tl.constexpr,  # slot search: cstart values probed per round (a power of 2)
+    LEVELS: tl.constexpr,  # search rounds: FANOUT**LEVELS >= slots in this group
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
 ):
@@ -131,12 +145,18 @@ def _partials_kernel(
     c = tl.program_id(0) + chunk0
     cstart_tab = tab + 4 * n_slots
 
-    # Largest slot j in the group with cstart[j] <= c (binary lifting; cstart[S] is a sentinel
-    # above every chunk, so clamping to S never moves j past the group).
+    # Largest slot j in the group with cstart[j] <= c: a FANOUT-ary search, one vector load of
+    # FANOUT cstart values per round (LEVELS dependent round trips instead of log2(slots): the
+    # search is latency the program's loads cannot start before). Invariant: cstart[j] <= c <
+    # cstart[j + FANOUT**(levels left)]; cstart[S] is a sentinel above every chunk, and probes
+    # past it are clamped to it, so j never leaves the group.
     j = slot0
-    for i in tl.static_range(LOG_SLOTS):
-        mid = tl.minimum(j + (1 << (LOG_SLOTS - 1 - i)), n_slots)
-        j = tl.where(tl.load(cstart_tab + mid) <= c, mid, j)
+    probes = tl.arange(0, FANOUT)
+    for lvl in tl.static_range(LEVELS):
+        stride = FANOUT ** (LEVELS - 1 - lvl)
+        at = tl.minimum(j + probes * stride, n_slots)
+        below = tl.sum((tl.load(cstart_tab + at) <= c).to(tl.int32), axis=0)  # >= 1: probe 0
+        j = j + (below - 1) * stride
 
     ptr = tl.load(tab + j).to(tl.pointer_type(DTYPE))
     lo = tl.load(tab + n_slots + j)
@@ -413,7 +433,8 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 DTYPE=_tl_dtype(dtype),
                 IS_HALF=dtype in (torch.float16, torch.bfloat16),
                 IS_F64=dtype == torch.float64,
-                LOG_SLOTS=(n_g - 1).bit_length(),
+                FANOUT=_SEARCH_FANOUT,
+                LEVELS=_search_levels(n_g),
                 BLOCK=block,
                 SUB=sub,
                 num_warps=num_warps,
