@@ -30,8 +30,12 @@ from torch import nn
 
 import gradwatch
 from gradwatch import distributed
-from reference import COUNTS, MAGNITUDES, reference_stats, to_float64_numpy
-from util import fetch, free_port, no_host_sync, parse, value
+from reference import reference_stats, to_float64_numpy
+from test_noise import MBS
+from test_noise import _batch as noise_batch
+from test_noise import _estimates as noise_estimates
+from test_noise import _problem as noise_problem
+from util import assert_global_stats, fetch, free_port, no_host_sync, parse, value
 
 _CUDA_MARKS = [
     pytest.mark.cuda,
@@ -46,6 +50,15 @@ DIST_DEVICES = [
     pytest.param("cuda", marks=[*_CUDA_MARKS, _NCCL]),
 ]
 WARMUP = 3  # steps before the sync check: Triton compiles, the endpoint starts, NCCL connects
+
+
+def warm_up_then_check(step, device: str, n: int = 5) -> None:
+    """WARMUP steps, then n more where (on CUDA) any host sync raises."""
+    for _ in range(WARMUP):
+        step()
+    with no_host_sync(device):
+        for _ in range(n):
+            step()
 
 
 def settle(handle, device: str):
@@ -136,18 +149,7 @@ class ParamHistory:
 
 def compare(samples: dict, grads, rel: float = 1e-10) -> None:
     """The global statistics of a scrape against reference_stats of the same gradients."""
-    ref = reference_stats(grads)
-    for name in MAGNITUDES + ["grad_zero_ratio"]:
-        got, want = value(samples, name), ref[name]
-        if want is None:
-            assert got is None, (name, got)
-        else:
-            assert got == pytest.approx(want, rel=rel, abs=0), name
-    for name in COUNTS:
-        assert value(samples, name) == ref[name], name
-    for kind in ("nan", "inf"):
-        got = value(samples, "grad_nonfinite_elements", kind=kind)
-        assert got == ref["grad_nonfinite_elements"][kind], kind
+    assert_global_stats(samples, reference_stats(grads), rel, extra=("grad_zero_ratio",))
 
 
 def _mlp(device: str, dtype=torch.float32, seed: int = 0) -> nn.Sequential:
@@ -186,11 +188,7 @@ def test_clip_norm_and_learning_rates(device):
             opt.step()
             sched.step()
 
-        for _ in range(WARMUP):
-            step()
-        with no_host_sync(device):
-            for _ in range(5):
-                step()
+        warm_up_then_check(step, device)
         samples, watch = settle(h, device)
     check_clean(watch, device)
     total = WARMUP + 5
@@ -238,11 +236,7 @@ def test_amp_loss_scale_fused_step_and_tensor_learning_rate(device):
             scaler.step(opt)
             scaler.update()
 
-        for _ in range(WARMUP):
-            step()
-        with no_host_sync(device):
-            for _ in range(5):
-                step()
+        warm_up_then_check(step, device)
         samples, watch = settle(h, device)
     check_clean(watch, device)
     total = WARMUP + 5
@@ -277,11 +271,7 @@ def test_sampled_parameter_update_bf16(device):
             model["b"](model["a"](x).tanh()).float().pow(2).mean().backward()
             opt.step()
 
-        for _ in range(WARMUP):  # step 1 is sampled
-            step()
-        with no_host_sync(device):
-            for _ in range(5):  # steps 4 and 7 are sampled
-                step()
+        warm_up_then_check(step, device)  # steps 1, 4 and 7 are sampled
         samples, watch = settle(h, device)
         assert watch._update_pending is None  # the snapshot was freed after the step
     check_clean(watch, device)
@@ -337,37 +327,16 @@ def test_nonfinite_parameters_are_named(device, caplog):
 
 
 # ---- gradient noise scale ----
-D, SIGMA, MBS, K = 8, 1.0, 32, 3
+K = 3  # micro-batches per step (test_noise's problem, a shorter window)
 
 
 def _noise_problem(device: str, seed: int, steps: int):
-    """Linear regression at a fixed w (as in test_noise.py), float64, with every micro-batch of
-    every step made up front and moved to the device before the sync check."""
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(D, generator=gen, dtype=torch.float64)
-    u /= u.norm()
-    w_star = torch.randn(D, generator=gen, dtype=torch.float64)
-    model = torch.nn.Linear(D, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_((w_star + u)[None])
-    windows = []
-    for _ in range(steps):
-        window = []
-        for _ in range(K):
-            x = torch.randn(MBS, D, generator=gen, dtype=torch.float64)
-            y = x @ w_star + SIGMA * torch.randn(MBS, generator=gen, dtype=torch.float64)
-            window.append((x, y))
-        windows.append(window)
+    """test_noise.py's linear regression, float64, with every micro-batch of every step made up
+    front and moved to the device before the sync check."""
+    gen, model, w_star = noise_problem(seed)
+    windows = [[noise_batch(gen, w_star) for _ in range(K)] for _ in range(steps)]
     on_device = [[(x.to(device), y.to(device)) for x, y in w] for w in windows]
     return model.to(device), windows, on_device
-
-
-def _noise_reference(w: np.ndarray, window) -> tuple[float, float]:
-    """The unbiased estimators of one window (McCandlish et al. 2018, A.1) in float64 numpy."""
-    grads = [x.numpy().T @ (x.numpy() @ w - y.numpy()) / len(y) for x, y in window]
-    small, big = np.sum(grads[0] ** 2), np.sum(np.mean(grads, axis=0) ** 2)
-    b_s, b_b = MBS, MBS * len(grads)
-    return (small - big) / (1 / b_s - 1 / b_b), (b_b * big - b_s * small) / (b_b - b_s)
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["plain", "clipped"])
@@ -400,7 +369,7 @@ def test_noise_scale_hooks(device, clip):
     assert value(samples, "grad_accumulation_micro_batches") == K
     if clip:
         assert value(samples, "grad_clip_coefficient_ratio") < 0.01
-    trace, g2 = _noise_reference(to_float64_numpy(model.weight), windows[s - 1])
+    trace, g2 = noise_estimates(to_float64_numpy(model.weight), windows[s - 1])
     rel = 1e-6 if clip else 1e-9  # clipping: fp64 rounding of the coefficient, undone
     assert value(samples, "grad_noise_trace_sigma") == pytest.approx(trace, rel=rel)
     assert value(samples, "grad_noise_true_grad_sq_norm") == pytest.approx(g2, rel=rel)

@@ -30,11 +30,19 @@ import gradwatch
 from gradwatch import catalog
 from gradwatch.config import from_env
 from gradwatch.export import make_resource
-from reference import COUNTS, MAGNITUDES, reference_stats
-from util import IN_CI, fetch, free_port, free_port_pair, parse, require_tool, value
+from reference import reference_stats
+from util import (
+    IN_CI,
+    assert_global_stats,
+    fetch,
+    free_port,
+    free_port_pair,
+    parse,
+    require_tool,
+    value,
+)
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "train_dist.py")
-MAGNITUDES = MAGNITUDES + ["grad_zero_ratio"]  # the reference gives it too
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -90,20 +98,6 @@ class TorchRun:
                 self.proc.wait(timeout=10)
 
 
-def _compare(samples: dict, ref: dict, rel: float = 1e-12) -> None:
-    for name in MAGNITUDES:
-        got, want = value(samples, name), ref[name]
-        if want is None:
-            assert got is None, (name, got)
-        else:
-            assert got == pytest.approx(want, rel=rel, abs=0), name
-    for name in COUNTS:
-        assert value(samples, name) == ref[name], name
-    for kind in ("nan", "inf"):
-        got = value(samples, "grad_nonfinite_elements", kind=kind)
-        assert got == ref["grad_nonfinite_elements"][kind], kind
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -125,7 +119,7 @@ def ddp(tmp_path_factory):
 def test_ddp_every_rank_equals_the_float64_reference(ddp):
     run, refs, scrapes = ddp
     for r in (0, 1):
-        _compare(scrapes[r], refs[r])
+        assert_global_stats(scrapes[r], refs[r], rel=1e-12, extra=("grad_zero_ratio",))
         assert refs[r]["get_total_norm"] == pytest.approx(refs[r]["grad_l2_norm"], rel=1e-12)
         assert refs[r]["placements"] == ["plain"] * 6
     # after DDP's all-reduce the gradients, hence the statistics, agree across ranks
@@ -243,7 +237,7 @@ def test_fsdp2_global_statistics_exact_and_nan_traced_to_its_rank(tmp_path):
         assert "(Shard(dim=0),)" in refs[0]["placements"]
         for r in (0, 1):
             ref = refs[r]
-            _compare(scrapes[r], ref)
+            assert_global_stats(scrapes[r], ref, rel=1e-12, extra=("grad_zero_ratio",))
             # the total norm torch computes on the full gradients
             assert value(scrapes[r], "grad_l2_norm") == pytest.approx(
                 ref["get_total_norm"], rel=1e-6
@@ -264,7 +258,7 @@ def test_fsdp2_global_statistics_exact_and_nan_traced_to_its_rank(tmp_path):
             assert time.monotonic() < deadline, "step 4 never published"
             time.sleep(0.1)
         for r in (0, 1):
-            _compare(scrapes[r], refs[r])
+            assert_global_stats(scrapes[r], refs[r], rel=1e-12, extra=("grad_zero_ratio",))
             assert value(scrapes[r], "grad_nonfinite_elements", kind="nan") == 1
             assert value(scrapes[r], "grad_l2_norm") is None
         assert value(scrapes[0], "grad_rank_nonfinite_elements", kind="nan") == 0

@@ -12,6 +12,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from reference import COUNTS, MAGNITUDES
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -93,3 +95,19 @@ def no_host_sync(device: str):
         yield
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def assert_global_stats(samples: dict, ref: dict, rel: float, extra: tuple[str, ...] = ()) -> None:
+    """A scrape's global statistics against reference_stats: MAGNITUDES (and ``extra``) to
+    ``rel`` (absent where the reference has none), COUNTS and non-finite counts exactly."""
+    for name in [*MAGNITUDES, *extra]:
+        got, want = value(samples, name), ref[name]
+        if want is None:
+            assert got is None, (name, got)
+        else:
+            assert got == pytest.approx(want, rel=rel, abs=0), name
+    for name in COUNTS:
+        assert value(samples, name) == ref[name], name
+    for kind in ("nan", "inf"):
+        got = value(samples, "grad_nonfinite_elements", kind=kind)
+        assert got == ref["grad_nonfinite_elements"][kind], kind
