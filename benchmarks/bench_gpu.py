@@ -63,6 +63,40 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()
 
 
+def time_steps(fn, n: int, device_only: bool = False) -> float:
+    """Mean ms per call. device_only: the GPU spins first, so the host queues all n calls
+    ahead and the events time the kernels back to back, without host-side setup between."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    if device_only:
+        torch.cuda._sleep(int(5e8))  # ~0.25 s at 2 GHz: far longer than queueing n calls
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def kernel_ms(fn, n: int = 20, device_only: bool = False) -> float:
+    """time_steps after 3 warm-up calls (compilation, caches)."""
+    for _ in range(3):
+        fn()
+    return time_steps(fn, n, device_only)
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Host time of one call (queued, not waited for), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return dt * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -106,20 +140,6 @@ def main() -> None:
     def step_gradwatch() -> None:
         fwd_bwd()
         opt.step()
-
-    def time_steps(fn, n: int, device_only: bool = False) -> float:
-        """Mean ms per call. device_only: the GPU spins first, so the host queues all n calls
-        ahead and the events time the kernels back to back, without host-side setup between."""
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        if device_only:
-            torch.cuda._sleep(int(5e8))  # ~0.25 s at 2 GHz: far longer than queueing n calls
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n
 
     for fn in (step_none, step_clip_item, step_norm_loop):  # warm-up
         for _ in range(3):
@@ -168,21 +188,6 @@ def main() -> None:
     # kernel vs copy bandwidth on the model's gradients, as fp32 and as bf16/fp16 copies
     fwd_bwd()
     grads = [p.grad for p in params]
-
-    def kernel_ms(fn, n=20, device_only: bool = False) -> float:
-        for _ in range(3):
-            fn()
-        return time_steps(fn, n, device_only)
-
-    def host_us(fn, n=50) -> float:
-        """Host time of one call (queued, not waited for)."""
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = (time.perf_counter() - t0) / n
-        torch.cuda.synchronize()
-        return dt * 1e6
 
     def kernel_vs_copy(gs: list[torch.Tensor]) -> dict[str, float]:
         nbytes = sum(g.numel() * g.element_size() for g in gs)

@@ -16,7 +16,6 @@ import cProfile
 import json
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from bench_gpu import GPT  # noqa: E402
+from bench_gpu import GPT, host_us, kernel_ms  # noqa: E402
 
 from gradwatch.kernels import triton_reduce  # noqa: E402
 from reference import reference_partials  # noqa: E402
@@ -39,18 +38,8 @@ CANDIDATES = [
 ]
 
 
-def device_ms(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(5e8))
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+def device_ms(fn) -> float:
+    return kernel_ms(fn, device_only=True)
 
 
 def copy_ms(nbytes: int) -> float:
@@ -58,17 +47,6 @@ def copy_ms(nbytes: int) -> float:
     src = torch.empty(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
     return device_ms(lambda: dst.copy_(src))
-
-
-def host_us(fn, n: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
 
 
 class _NoLaunch:

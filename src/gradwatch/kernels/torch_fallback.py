@@ -60,11 +60,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1)
 
 
-def _check(tensors: Sequence[torch.Tensor]) -> None:
+def _check(tensors: Sequence[torch.Tensor], cpu: bool = True) -> None:
     for t in tensors:
         if t.dtype not in DTYPE_CODES:
             raise TypeError(f"unsupported dtype {t.dtype}: need float32/float16/bfloat16/float64")
-        if not t.is_cpu:
+        if cpu and not t.is_cpu:
             raise ValueError(f"torch_partials (CPU) needs CPU tensors, got one on {t.device}")
 
 
@@ -174,9 +174,7 @@ def device_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     [[25.0, 7.0, 4.0, 0.0, 0.0, 1.0]]
     """
     ts = list(tensors)
-    for t in ts:
-        if t.dtype not in DTYPE_CODES:
-            raise TypeError(f"unsupported dtype {t.dtype}: need float32/float16/bfloat16/float64")
+    _check(ts, cpu=False)
     if not ts:
         return torch.zeros((0, N_PARTIALS), dtype=torch.float64)
     device = ts[0].device
