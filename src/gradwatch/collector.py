@@ -173,7 +173,7 @@ class ErrorLog:
     """Counts failures by stage and logs each stage's first one, then every 1000th."""
 
     # Exported at 0 from the start, so rate()/increase() see the first failure too.
-    STAGES = ("collect", "readout", "export", "server", "names")
+    STAGES = ("collect", "readout", "export", "server", "names", "http")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = dict.fromkeys(self.STAGES, 0)

@@ -11,12 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import make_server
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -29,6 +26,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from . import __version__, catalog
 from .catalog import Statistic, Thresholds
 from .config import Config
+from .serving import ScrapeBudget, _QuietHandler, _Server, metrics_only
 
 log = logging.getLogger("gradwatch")
 
@@ -59,110 +57,6 @@ _CONTEXT_STATS = {
 }
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of scrapers
-    # Accept at most this many requests per second: a swarm of scrapers then waits in the
-    # backlog instead of taking the GIL from the training thread (one Prometheus needs ~1/s).
-    max_requests_per_second = 50.0
-    _next_accept = 0.0
-
-    def process_request(self, request, client_address):
-        now = time.monotonic()
-        wait = self._next_accept - now
-        if wait > 0:
-            time.sleep(wait)
-        self._next_accept = max(now, self._next_accept) + 1.0 / self.max_requests_per_second
-        super().process_request(request, client_address)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = 10  # a silent or slow client cannot hold a handler thread for long
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
-class ScrapeBudget:
-    """Caps how often a scrape is computed, so that a swarm of scrapers cannot starve training
-    of the GIL. While fewer than ``per_second`` expositions were generated in the last second,
-    every request gets a fresh one (a normal scraper always does). Past that, a request shape's
-    exposition is regenerated only when the statistics changed and it is over ``max_age``
-    seconds old; otherwise the cached response is served again."""
-
-    def __init__(
-        self, version: Callable[[], object], per_second: int = 10, max_age: float = 0.1
-    ) -> None:
-        self.version = version
-        self.per_second = per_second
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        self._recent: list[float] = []
-        self._cache: dict[tuple, tuple[float, object, str, list, bytes]] = {}
-
-    def serve(self, app: Callable, environ: dict, start_response: Callable) -> list[bytes]:
-        key = (
-            environ.get("QUERY_STRING", ""),
-            environ.get("HTTP_ACCEPT", ""),
-            environ.get("HTTP_ACCEPT_ENCODING", ""),
-        )
-        now, version = time.monotonic(), self.version()
-        with self._lock:
-            self._recent = [t for t in self._recent if now - t < 1.0]
-            cached = self._cache.get(key)
-            fresh = (
-                cached is None
-                or len(self._recent) < self.per_second
-                or (cached[1] != version and now - cached[0] >= self.max_age)
-            )
-            if fresh:
-                self._recent.append(now)
-        if fresh:
-            captured: dict = {}
-
-            def capture(status, headers, exc_info=None):
-                captured["status"], captured["headers"] = status, headers
-
-            body = b"".join(app(environ, capture))
-            cached = (now, version, captured["status"], captured["headers"], body)
-            with self._lock:
-                if len(self._cache) > 32:  # bounded: request shapes are the client's choice
-                    self._cache.clear()
-                self._cache[key] = cached
-        _, _, status, headers, body = cached
-        start_response(status, headers)
-        return [body]
-
-
-def metrics_only(
-    app: Callable, on_error: Callable[[BaseException], None], budget: ScrapeBudget | None = None
-) -> Callable:
-    """WSGI wrapper: `/metrics` and `/healthz` only, 404 for anything else; a failing scrape is
-    answered 500 and reported to ``on_error``, never propagated."""
-
-    def wrapped(environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            try:
-                if budget is not None:
-                    return budget.serve(app, environ, start_response)
-                return app(environ, start_response)
-            except Exception as exc:  # noqa: BLE001
-                on_error(exc)
-                start_response(
-                    "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
-                )
-                return [b"gradwatch: scrape failed (logged and counted)\n"]
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: gradwatch serves /metrics\n"]
-
-    return wrapped
-
-
 class _PinningRegistry(CollectorRegistry):
     """Pins one snapshot of every watch before each collection, so that all the samples of a
     scrape belong to the same step (instrument callbacks run one after another)."""
@@ -176,6 +70,24 @@ class _PinningRegistry(CollectorRegistry):
         with self._collect_lock:
             self._pin()
             yield from super().collect()
+
+    def restricted_registry(self, names):
+        """``/metrics?name[]=a&name[]=b``: the samples of these names only, filtered as
+        prometheus_client's RestrictedRegistry does (families kept with their matching samples).
+        Its own RestrictedRegistry finds nothing here: it looks names up in the table built at
+        registration, when the OTel collector had produced no metric yet."""
+        return _RestrictedRegistry(self, set(names))
+
+
+class _RestrictedRegistry:
+    def __init__(self, registry: CollectorRegistry, names: set[str]) -> None:
+        self._registry, self._names = registry, names
+
+    def collect(self):
+        for metric in self._registry.collect():
+            restricted = metric._restricted_metric(self._names)
+            if restricted is not None:
+                yield restricted
 
 
 class _PinningPeriodicReader(PeriodicExportingMetricReader):
@@ -287,19 +199,9 @@ class Exporter:
         self.server: _Server | None = None
         self.thread: threading.Thread | None = None
         self._restarts = 0
-        self.budget = ScrapeBudget(self._version)
+        self.budget = ScrapeBudget()
 
     # ---- values ----
-    def _version(self) -> tuple:
-        """Changes whenever anything a scrape shows may have changed."""
-        return (
-            tuple(
-                (w.steps, w.collected_steps, w.dropped_steps, w.amp_skipped_steps)
-                for w in self.session.watches()
-            ),
-            sum(self.session.errors.counts.values()),
-        )
-
     def pin(self) -> None:
         """Take the consistent per-watch snapshots the next callbacks read."""
         try:
@@ -448,6 +350,7 @@ class Exporter:
             self.budget,
         )
         server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        server.errors = self.session.errors  # connection errors: counted, never a traceback
         scheme = "http"
         if self.config.tls_cert:
             try:

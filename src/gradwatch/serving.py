@@ -1,0 +1,505 @@
+"""The /metrics HTTP server: serves real scrapers while other clients misbehave.
+
+One thread per connection, one request per connection (``Connection: close``), and limits that
+hold whatever a client does:
+
+* the request head (TLS handshake included) must arrive within ``head_timeout`` seconds in
+  total, not per byte: a slowloris connection is dropped at its deadline;
+* a response must be written within ``write_timeout`` seconds in total, in the connection's own
+  thread: a client that never reads holds only its own thread, never the accept loop;
+* at most ``max_connections`` are open; past that the oldest idle one (reading its head or
+  writing its response, not computing) is dropped for the new one;
+* a request line without an HTTP version (HTTP/0.9), bytes that are not HTTP, an oversized head
+  or a malformed header are answered at once (400, 414, 431, 505) and the connection closed;
+* connection errors (failed TLS handshakes, deadlines, resets, malformed requests) never print a
+  traceback: they are counted in ``gradwatch_errors_total{stage="http"}`` and summarised in at
+  most one log line a minute.
+
+The exposition itself is bounded in CPU time by :class:`ScrapeBudget`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
+from email.utils import formatdate
+from socketserver import BaseRequestHandler, ThreadingMixIn
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+log = logging.getLogger("gradwatch")
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+class _Reject(Exception):
+    """A request answered with an error status at once (and counted)."""
+
+    def __init__(self, status: str, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class _Drop(Exception):
+    """A connection closed without an answer (and counted)."""
+
+
+class _Conn:
+    __slots__ = ("sock", "state", "since", "deadline", "dropped")
+
+    def __init__(self, sock, state: str, since: float, deadline: float) -> None:
+        self.sock, self.state, self.since, self.deadline = sock, state, since, deadline
+        self.dropped = ""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of scrapers
+    head_timeout = 5.0  # seconds for the TLS handshake and the whole request head
+    write_timeout = 10.0  # seconds to write the whole response
+    max_connections = 64  # past this, the oldest idle connection is dropped
+    max_head_bytes = 16384
+    max_line_bytes = 8192
+    log_every = 60.0  # seconds between two summary lines of connection errors
+    errors = None  # the session's ErrorLog: set by the exporter
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._conns: dict[object, _Conn] = {}
+        self._conns_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._last_log = -float("inf")
+        self._unlogged = 0
+        self.http_errors = 0  # connection errors of this server (the ErrorLog counts them too)
+        super().__init__(*args, **kwargs)
+
+    # ---- connection table: the accept thread registers, the reaper enforces deadlines ----
+    def process_request(self, request, client_address) -> None:
+        now = time.monotonic()
+        victim = None
+        with self._conns_lock:
+            live = [c for c in self._conns.values() if not c.dropped]
+            if len(live) >= self.max_connections:
+                idle = [c for c in live if c.state != "app"]
+                if idle:
+                    victim = min(idle, key=lambda c: c.since)
+                    victim.dropped = "dropped for a new connection (connection cap)"
+            # Connections computing a response are not dropped; past twice the cap of them
+            # (they wait for one exposition at a time), a new connection is refused.
+            refuse = victim is None and len(live) >= 2 * self.max_connections
+            if not refuse:
+                self._conns[request] = _Conn(request, "head", now, now + self.head_timeout)
+        if victim is not None:
+            self._kill(victim.sock)
+        if refuse:
+            self.note_error(_Drop("refused: too many connections computing"))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def conn(self, request) -> _Conn | None:
+        with self._conns_lock:
+            return self._conns.get(request)
+
+    def enter(self, request, state: str, timeout: float | None) -> None:
+        with self._conns_lock:
+            c = self._conns.get(request)
+            if c is not None:
+                c.state, c.since = state, time.monotonic()
+                c.deadline = c.since + timeout if timeout is not None else float("inf")
+
+    def service_actions(self) -> None:
+        """Every poll interval of serve_forever: drop the connections past their deadline."""
+        super().service_actions()
+        now, late = time.monotonic(), []
+        with self._conns_lock:
+            for c in self._conns.values():
+                if not c.dropped and now > c.deadline:
+                    c.dropped = f"deadline of its {c.state} passed"
+                    late.append(c.sock)
+        for sock in late:
+            self._kill(sock)
+
+    @staticmethod
+    def _kill(sock) -> None:
+        # shutdown() wakes the connection's thread out of recv/send; that thread closes it.
+        # socket.socket's own shutdown: SSLSocket.shutdown would unset the TLS object under it.
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def shutdown_request(self, request) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._conns_lock:
+            socks = [c.sock for c in self._conns.values()]
+            for c in self._conns.values():
+                c.dropped = "server closed"
+        for sock in socks:
+            self._kill(sock)
+
+    # ---- errors: counted, summarised, never a traceback ----
+    def handle_error(self, request, client_address) -> None:
+        self.note_error(sys.exc_info()[1] or RuntimeError("unknown connection error"))
+
+    def note_error(self, exc: BaseException) -> None:
+        if self.errors is not None:
+            try:
+                self.errors.record("http", exc, logged=True)
+            except Exception:  # noqa: BLE001
+                pass
+        now = time.monotonic()
+        with self._log_lock:
+            self.http_errors += 1
+            self._unlogged += 1
+            if now - self._last_log < self.log_every:
+                return
+            n, self._unlogged, self._last_log = self._unlogged, 0, now
+        log.warning(
+            "gradwatch: %d /metrics connection error(s) since the last such line (latest: %s);"
+            ' counted in gradwatch_errors_total{stage="http"}, training goes on',
+            n,
+            _describe(exc),
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+class _QuietHandler(BaseRequestHandler):
+    """One request of one connection, under the server's deadlines; never logs a request."""
+
+    server: _Server
+
+    def handle(self) -> None:
+        server, sock = self.server, self.request
+        conn = server.conn(sock)
+        deadline = conn.deadline if conn is not None else time.monotonic() + server.head_timeout
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.do_handshake()
+            try:
+                method, target, version, headers = self._read_head(deadline)
+            except _Reject as reject:
+                self._respond(
+                    reject.status,
+                    [("Content-Type", "text/plain")],
+                    [f"gradwatch: {reject}\n".encode()],
+                    head=False,
+                )
+                raise
+            environ = self._environ(method, target, version, headers)
+            server.enter(sock, "app", None)
+            captured: dict = {}
+
+            def start_response(status, response_headers, exc_info=None):
+                captured["status"], captured["headers"] = status, response_headers
+
+            result = server.get_app()(environ, start_response)
+            try:
+                body = [bytes(b) for b in result]
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            self._respond(captured["status"], captured["headers"], body, method == "HEAD")
+        except Exception as exc:  # noqa: BLE001 - a client's misbehaviour is counted, not raised
+            dropped = conn.dropped if conn is not None else ""
+            if dropped:
+                exc = _Drop(f"{dropped}: {_describe(exc)}")
+            elif isinstance(exc, (TimeoutError, socket.timeout)):
+                exc = _Drop(f"deadline passed: {_describe(exc)}")
+            if not isinstance(exc, _Quiet):
+                server.note_error(exc)
+
+    # ---- reading ----
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Drop("request head deadline passed")
+        self.request.settimeout(remaining)
+        return self.request.recv(4096)
+
+    def _read_head(self, deadline: float):
+        server, buf = self.server, bytearray()
+        line_end = -1
+        while True:
+            chunk = self._recv(deadline)
+            if not chunk:
+                if not buf:
+                    raise _Quiet("closed before sending anything")  # a port probe: not an error
+                raise _Drop("connection closed in the middle of the request head")
+            scan_from = max(len(buf) - 3, 0)
+            buf += chunk
+            if line_end < 0:
+                self._check_method(buf)
+                line_end = buf.find(b"\n")
+                if line_end < 0:
+                    if len(buf) > server.max_line_bytes:
+                        raise _Reject("414 URI Too Long", "request line too long")
+                    continue
+                line = bytes(buf[:line_end]).rstrip(b"\r")
+                if len(line) > server.max_line_bytes:
+                    raise _Reject("414 URI Too Long", "request line too long")
+                method, target, version = self._request_line(line)
+            end = _head_end(buf, max(scan_from, line_end - 1))
+            if end >= 0:
+                break
+            if len(buf) > server.max_head_bytes:
+                raise _Reject("431 Request Header Fields Too Large", "request head too large")
+        headers = []
+        for raw in bytes(buf[line_end + 1 : end]).rstrip(b"\r\n").split(b"\n"):
+            raw = raw.rstrip(b"\r")
+            if not raw:
+                continue
+            name, sep, val = raw.partition(b":")
+            if not sep or not name or not set(name) <= _TOKEN:
+                raise _Reject("400 Bad Request", "malformed header line")
+            headers.append((name.decode("ascii"), val.strip().decode("iso-8859-1")))
+        return method, target, version, headers
+
+    @staticmethod
+    def _check_method(buf: bytearray) -> None:
+        """Bytes that cannot start an HTTP request (TLS, binary) are answered at once."""
+        space, newline = buf.find(b" "), buf.find(b"\n")
+        if newline >= 0 and (space < 0 or newline < space):
+            raise _Reject("400 Bad Request", "malformed request line")
+        method = buf if space < 0 else buf[:space]
+        if not method or len(method) > 32 or not set(method) <= _TOKEN:
+            raise _Reject("400 Bad Request", "not an HTTP request")
+
+    @staticmethod
+    def _request_line(line: bytes) -> tuple[str, str, str]:
+        parts = line.split(b" ")
+        if len(parts) == 2:
+            raise _Reject("505 HTTP Version Not Supported", "HTTP/0.9 request")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise _Reject("400 Bad Request", "malformed request line")
+        method, target, version = parts
+        if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+            if version.startswith(b"HTTP/"):
+                raise _Reject("505 HTTP Version Not Supported", "unsupported HTTP version")
+            raise _Reject("400 Bad Request", "malformed request line")
+        try:
+            return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
+        except UnicodeDecodeError:
+            raise _Reject("400 Bad Request", "non-ASCII request line") from None
+
+    def _environ(self, method: str, target: str, version: str, headers) -> dict:
+        env = dict(self.server.base_environ)
+        path, _, query = target.partition("?")
+        env.update(
+            REQUEST_METHOD=method,
+            PATH_INFO=urllib.parse.unquote(path, "iso-8859-1"),
+            QUERY_STRING=query,
+            SERVER_PROTOCOL=version,
+            REMOTE_ADDR=str(self.client_address[0]) if self.client_address else "",
+            CONTENT_LENGTH="",
+            CONTENT_TYPE="",
+        )
+        env.pop("REMOTE_HOST", None)
+        for name, val in headers:
+            key = name.upper().replace("-", "_")
+            if key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+                env[key] = val
+                continue
+            key = "HTTP_" + key
+            env[key] = f"{env[key]},{val}" if key in env else val
+        env.update(
+            {
+                "wsgi.version": (1, 0),
+                "wsgi.url_scheme": "https" if isinstance(self.request, ssl.SSLSocket) else "http",
+                "wsgi.input": _EmptyInput(),
+                "wsgi.errors": _NullErrors(),
+                "wsgi.multithread": True,
+                "wsgi.multiprocess": False,
+                "wsgi.run_once": False,
+            }
+        )
+        return env
+
+    # ---- writing ----
+    def _respond(self, status: str, headers: list, body: list[bytes], head: bool) -> None:
+        server, sock = self.server, self.request
+        length = sum(len(b) for b in body)
+        lines = [f"HTTP/1.1 {status}", f"Date: {formatdate(usegmt=True)}", "Server: gradwatch"]
+        lines += [
+            f"{k}: {v}" for k, v in headers if k.lower() not in ("content-length", "connection")
+        ]
+        lines += [f"Content-Length: {length}", "Connection: close", "", ""]
+        data = [("\r\n".join(lines)).encode("iso-8859-1")] + ([] if head else body)
+        server.enter(sock, "write", server.write_timeout)
+        deadline = time.monotonic() + server.write_timeout
+        for chunk in data:
+            view = memoryview(chunk)
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Drop("response write deadline passed")
+                sock.settimeout(remaining)
+                sent = sock.send(view[:262144])
+                view = view[sent:]
+
+
+class _Quiet(Exception):
+    """Closed without counting (a connection that sent nothing and closed)."""
+
+
+def _head_end(buf: bytearray, start: int) -> int:
+    """Index just after the blank line ending the head, -1 while incomplete."""
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep, start)) >= 0]
+    return min(ends, default=-1)
+
+
+class _EmptyInput:
+    def read(self, *args) -> bytes:
+        return b""
+
+    def readline(self, *args) -> bytes:
+        return b""
+
+    def readlines(self, *args) -> list:
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+class _NullErrors:
+    def write(self, s) -> None:
+        pass
+
+    def writelines(self, lines) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class ScrapeBudget:
+    """Bounds the CPU time spent computing expositions, whoever asks for them.
+
+    A token bucket of CPU seconds: it fills at ``cpu_share`` CPU seconds per wall second up to
+    ``burst``; each exposition costs the CPU time of its thread (``time.thread_time()``: the OTel
+    collection, the text encoding, gzip). While the bucket is not empty every request gets a
+    fresh exposition (a normal scraper always does); when it is, the latest exposition of the
+    same shape (content type, gzip, ``name[]`` filter) is served again, and a shape never
+    computed before is answered 503 with Retry-After. So a back-to-back scraper, or a swarm of
+    them, takes at most ``cpu_share`` of a core for expositions (plus the cheap serving of cached
+    bodies). Expositions are computed one at a time; a request that waited for another's
+    exposition, begun after it arrived, gets that one."""
+
+    def __init__(self, cpu_share: float = 0.1, burst: float = 0.5, shapes: int = 16) -> None:
+        self.cpu_share = cpu_share
+        self.burst = burst
+        self.shapes = shapes
+        self._lock = threading.Lock()  # one exposition at a time
+        self._tokens = burst
+        self._filled = time.monotonic()
+        self._cache: OrderedDict[tuple, tuple[float, str, list, bytes]] = OrderedDict()
+        self.fresh = 0  # expositions computed
+        self.cached = 0  # requests answered with a cached exposition
+        self.refused = 0  # requests answered 503 (budget spent, shape never computed)
+        self.cpu_seconds = 0.0  # thread CPU time of all expositions
+
+    @staticmethod
+    def shape(environ: dict) -> tuple:
+        """What the response depends on besides the statistics (not the raw headers: a client
+        must not defeat the cache by varying them)."""
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        return (
+            choose_encoder(environ.get("HTTP_ACCEPT"))[1],
+            gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")),
+            tuple(sorted(set(names))) if names else None,
+        )
+
+    def serve(self, app: Callable, environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("REQUEST_METHOD") != "GET":
+            return app(environ, start_response)  # OPTIONS, 405: no exposition
+        key, arrived = self.shape(environ), time.monotonic()
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.cpu_share)
+            self._filled = now
+            cached = self._cache.get(key)
+            if cached is not None and (cached[0] >= arrived or self._tokens <= 0):
+                self._cache.move_to_end(key)
+                self.cached += 1
+            elif self._tokens <= 0:
+                self.refused += 1
+                cached = None
+            else:
+                cached = self._compute(app, environ, key, now)
+        if cached is None:
+            start_response(
+                "503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")]
+            )
+            return [b"gradwatch: exposition CPU budget spent, retry in a second\n"]
+        _, status, headers, body = cached
+        start_response(status, headers)
+        return [body]
+
+    def _compute(self, app: Callable, environ: dict, key: tuple, began: float) -> tuple:
+        captured: dict = {}
+
+        def capture(status, headers, exc_info=None):
+            captured["status"], captured["headers"] = status, headers
+
+        cpu = time.thread_time()
+        try:
+            body = b"".join(app(environ, capture))
+        finally:
+            cost = time.thread_time() - cpu
+            self._tokens -= cost
+            self.cpu_seconds += cost
+        self.fresh += 1
+        cached = (began, captured["status"], captured["headers"], body)
+        self._cache[key] = cached
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.shapes:  # bounded: request shapes are the client's choice
+            self._cache.popitem(last=False)
+        return cached
+
+
+def metrics_only(
+    app: Callable, on_error: Callable[[BaseException], None], budget: ScrapeBudget | None = None
+) -> Callable:
+    """WSGI wrapper: `/metrics` and `/healthz` only, 404 for anything else; a failing scrape is
+    answered 500 and reported to ``on_error``, never propagated."""
+
+    def wrapped(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            try:
+                if budget is not None:
+                    return budget.serve(app, environ, start_response)
+                return app(environ, start_response)
+            except Exception as exc:  # noqa: BLE001
+                on_error(exc)
+                start_response(
+                    "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+                )
+                return [b"gradwatch: scrape failed (logged and counted)\n"]
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: gradwatch serves /metrics\n"]
+
+    return wrapped
