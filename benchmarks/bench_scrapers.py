@@ -1,15 +1,20 @@
-"""Step time of a training loop while 50 clients scrape /metrics as fast as they can.
+"""Step time of a training loop while clients scrape /metrics as fast as they can.
 
-Phases of equal length, one after another in one run: no scrapers, 50 concurrent scrapers
-(threads of a separate process, so that only the server side runs in the training process), no
-scrapers again. Prints the median step time of each phase and the change.
+Rounds of two phases of equal length in one run: no scrapers, then N concurrent scrapers
+(threads of a separate process, so that only the server side runs in the training process); the
+noise of a shared machine hits both alike. `--seconds` is the loaded time in all. Prints the
+median step time of each phase, the change, and how the exposition CPU budget answered (fresh
+expositions, cached ones, their CPU time).
 
-Run:  python benchmarks/bench_scrapers.py [--seconds 10] [--scrapers 50] [--per-param]
+Run:  python benchmarks/bench_scrapers.py [--seconds 10] [--scrapers 50] [--per-param] [--rounds 4]
+      python benchmarks/bench_scrapers.py --scrapers 1 --per-param --params 500
+        (one back-to-back scraper, 500 per-parameter series: the CPU-budget case)
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,11 +49,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--scrapers", type=int, default=50)
     ap.add_argument("--per-param", action="store_true")
+    ap.add_argument("--rounds", type=int, default=10, help="alternating quiet/loaded rounds")
+    ap.add_argument("--cpu-share", type=float, default=None, help="override the CPU budget")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's own choice). On a 2-core machine use 1: with 2, any"
+        " other busy process (the scrapers themselves) stalls torch's parallel regions",
+    )
+    ap.add_argument(
+        "--params",
+        type=int,
+        default=0,
+        help="instead of the 2.1M-parameter model: Linear(64, 64) layers with this many"
+        " parameter tensors (weight and bias each)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(512, 512), nn.LayerNorm(512))])
+    if args.params:
+        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(args.params // 2)])
+        x = torch.randn(64, 64)
+    else:
+        model = nn.Sequential(
+            *[m for _ in range(8) for m in (nn.Linear(512, 512), nn.LayerNorm(512))]
+        )
+        x = torch.randn(64, 512)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(64, 512)
     handle = gradwatch.watch(model, opt, port=0, per_param=args.per_param)
 
     def step() -> float:
@@ -64,39 +93,82 @@ def main() -> None:
             times.append(step())
         return times
 
-    phase(1.0)  # warm-up
-    quiet1 = phase(args.seconds)
+    phase(1.0)  # warm-up (the exporter starts at the first step)
+    budget = handle.session.exporter.budget
+    if args.cpu_share is not None:
+        budget.cpu_share = args.cpu_share
+    # Rounds of (quiet, loaded): the noise of a shared machine then hits both alike. One scraper
+    # process for the whole run, stopped (SIGSTOP) in the quiet phases.
+    each = args.seconds / args.rounds
+    quiet: list[float] = []
+    loaded: list[float] = []
+    totals = dict(fresh=0, cached=0, waited=0, cpu_seconds=0.0, charged=0.0)
     proc = subprocess.Popen(
-        [sys.executable, "-c", SCRAPER, str(handle.port), str(args.scrapers), str(args.seconds)],
+        [
+            sys.executable,
+            "-c",
+            SCRAPER,
+            str(handle.port),
+            str(args.scrapers),
+            str(3 * args.seconds),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)  # let the scrapers ramp up
-    loaded = phase(args.seconds - 0.5)
-    scrapes, errors = proc.communicate(timeout=120)[0].split()
-    quiet2 = phase(args.seconds)
+    time.sleep(1.0)  # the scrapers start
+    try:
+        for _ in range(args.rounds):
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.05)
+            quiet += phase(each)
+            proc.send_signal(signal.SIGCONT)
+            # Steady state, as under scrapers that never pause: the quiet phase must not have
+            # refilled the CPU budget for this one.
+            with budget._bucket:
+                budget._tokens = min(budget._tokens, 0.0)
+            time.sleep(0.05)
+            before = {k: getattr(budget, k) for k in totals}
+            loaded += phase(each)
+            for k in totals:
+                totals[k] += getattr(budget, k) - before[k]
+    finally:
+        proc.kill()
+        proc.wait(10)
+    scrapes = totals["fresh"] + totals["cached"]
     size = len(
         __import__("urllib.request")
         .request.urlopen(f"http://127.0.0.1:{handle.port}/metrics")
         .read()
     )
     handle.close()
-    base = statistics.median(quiet1 + quiet2)
-    med = statistics.median(loaded)
+    base, med = statistics.median(quiet), statistics.median(loaded)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"{n_params / 1e6:.1f}M params, {torch.get_num_threads()} torch threads, exposition"
-        f" {size} bytes, per_param={args.per_param}"
+        f"{n_params / 1e6:.1f}M params in {len(list(model.parameters()))} tensors,"
+        f" {torch.get_num_threads()} torch threads, exposition {size} bytes,"
+        f" per_param={args.per_param}, server CPU budget {budget.cpu_share:.0%} of a core"
+        f" (burst {budget.burst} s), {args.rounds} rounds of {each:.1f} s quiet + {each:.1f} s"
+        " loaded"
     )
-    print("| phase | steps | median step ms |")
-    print("|---|---|---|")
-    print(f"| no scrapers (before) | {len(quiet1)} | {statistics.median(quiet1) * 1e3:.2f} |")
-    print(f"| {args.scrapers} concurrent scrapers | {len(loaded)} | {med * 1e3:.2f} |")
-    print(f"| no scrapers (after) | {len(quiet2)} | {statistics.median(quiet2) * 1e3:.2f} |")
+    print("| phase | steps | median step ms | p90 step ms |")
+    print("|---|---|---|---|")
+    for label, times in (("no scrapers", quiet), (f"{args.scrapers} scrapers", loaded)):
+        p90 = statistics.quantiles(times, n=10)[-1]
+        print(
+            f"| {label} | {len(times)} | {statistics.median(times) * 1e3:.2f} | {p90 * 1e3:.2f} |"
+        )
+    loaded_s = args.seconds
     print(
-        f"\nstep time with {args.scrapers} scrapers: {100 * (med / base - 1):+.1f}%;"
-        f" {int(scrapes)} scrapes served ({int(scrapes) / (args.seconds - 0.5):.0f}/s),"
-        f" {int(errors)} failed"
+        f"\nstep time with {args.scrapers} scrapers: x{med / base:.2f}"
+        f" ({100 * (med / base - 1):+.1f}%);"
+        f" {scrapes} scrapes answered while loaded ({scrapes / loaded_s:.0f}/s)"
+    )
+    fresh, cpu = totals["fresh"], totals["cpu_seconds"]
+    print(
+        f"while loaded: {fresh} fresh expositions ({fresh / loaded_s:.1f}/s,"
+        f" {1e3 * cpu / max(fresh, 1):.1f} ms CPU each, {100 * cpu / loaded_s:.1f}% of a core),"
+        f" {totals['cached']} cached; {totals['waited']} connections waited for the CPU budget;"
+        f" the server used {100 * totals['charged'] / loaded_s:.1f}% of a core in all"
     )
 
 

@@ -351,6 +351,7 @@ class Exporter:
         )
         server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
         server.errors = self.session.errors  # connection errors: counted, never a traceback
+        server.budget = self.budget  # every connection's CPU time is charged to it
         scheme = "http"
         if self.config.tls_cert:
             try:

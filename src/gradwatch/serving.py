@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from email.utils import formatdate
 from socketserver import BaseRequestHandler, ThreadingMixIn
@@ -67,11 +67,12 @@ class _Server(ThreadingMixIn, WSGIServer):
     request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of scrapers
     head_timeout = 5.0  # seconds for the TLS handshake and the whole request head
     write_timeout = 10.0  # seconds to write the whole response
-    max_connections = 64  # past this, the oldest idle connection is dropped
+    max_connections = 256  # past this, the oldest idle connection is dropped
     max_head_bytes = 16384
     max_line_bytes = 8192
     log_every = 60.0  # seconds between two summary lines of connection errors
     errors = None  # the session's ErrorLog: set by the exporter
+    budget: ScrapeBudget | None = None  # the CPU budget of all serving: set by the exporter
 
     def __init__(self, *args, **kwargs) -> None:
         self._conns: dict[object, _Conn] = {}
@@ -79,25 +80,37 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._log_lock = threading.Lock()
         self._last_log = -float("inf")
         self._unlogged = 0
+        self.cpu_seconds = 0.0
         self.http_errors = 0  # connection errors of this server (the ErrorLog counts them too)
         super().__init__(*args, **kwargs)
 
     # ---- connection table: the accept thread registers, the reaper enforces deadlines ----
     def process_request(self, request, client_address) -> None:
+        cpu = time.thread_time()
+        try:
+            self._process_request(request, client_address)
+        finally:
+            cost = time.thread_time() - cpu  # the accept loop's share of this connection
+            self.cpu_seconds += cost
+            if self.budget is not None:
+                self.budget.charge(cost)
+
+    def _process_request(self, request, client_address) -> None:
         now = time.monotonic()
         victim = None
         with self._conns_lock:
             live = [c for c in self._conns.values() if not c.dropped]
             if len(live) >= self.max_connections:
-                idle = [c for c in live if c.state != "app"]
+                idle = [c for c in live if c.state in ("head", "write")]
                 if idle:
                     victim = min(idle, key=lambda c: c.since)
                     victim.dropped = "dropped for a new connection (connection cap)"
-            # Connections computing a response are not dropped; past twice the cap of them
-            # (they wait for one exposition at a time), a new connection is refused.
-            refuse = victim is None and len(live) >= 2 * self.max_connections
+            # Connections waiting for the CPU budget or computing a response are not dropped
+            # (they wait for the server, not the other way round); when none is idle, a new
+            # connection is refused.
+            refuse = victim is None and len(live) >= self.max_connections
             if not refuse:
-                self._conns[request] = _Conn(request, "head", now, now + self.head_timeout)
+                self._conns[request] = _Conn(request, "queued", now, now + self.head_timeout)
         if victim is not None:
             self._kill(victim.sock)
         if refuse:
@@ -144,13 +157,15 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().shutdown_request(request)
 
     def server_close(self) -> None:
+        """Close the listener and drop the connections not yet answered; responses under way
+        finish (within their write deadline, which their own thread enforces)."""
         super().server_close()
         with self._conns_lock:
-            socks = [c.sock for c in self._conns.values()]
-            for c in self._conns.values():
+            pending = [c for c in self._conns.values() if c.state in ("queued", "head")]
+            for c in pending:
                 c.dropped = "server closed"
-        for sock in socks:
-            self._kill(sock)
+        for c in pending:
+            self._kill(c.sock)
 
     # ---- errors: counted, summarised, never a traceback ----
     def handle_error(self, request, client_address) -> None:
@@ -188,10 +203,25 @@ class _QuietHandler(BaseRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        server, cpu = self.server, time.thread_time()
+        try:
+            self._handle()
+        finally:
+            cost = time.thread_time() - cpu
+            server.cpu_seconds += cost
+            if server.budget is not None:
+                server.budget.charge(cost)
+
+    def _handle(self) -> None:
         server, sock = self.server, self.request
         conn = server.conn(sock)
         deadline = conn.deadline if conn is not None else time.monotonic() + server.head_timeout
         try:
+            if server.budget is not None and not server.budget.admit(
+                deadline, lambda: bool(conn is not None and conn.dropped)
+            ):
+                raise _Drop("waited for the CPU budget past the head deadline")
+            server.enter(sock, "head", deadline - time.monotonic())
             if isinstance(sock, ssl.SSLSocket):
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock.do_handshake()
@@ -393,31 +423,112 @@ class _NullErrors:
 
 
 class ScrapeBudget:
-    """Bounds the CPU time spent computing expositions, whoever asks for them.
+    """Bounds the CPU time the /metrics server takes from the process, whoever connects.
 
-    A token bucket of CPU seconds: it fills at ``cpu_share`` CPU seconds per wall second up to
-    ``burst``; each exposition costs the CPU time of its thread (``time.thread_time()``: the OTel
-    collection, the text encoding, gzip). While the bucket is not empty every request gets a
-    fresh exposition (a normal scraper always does); when it is, the latest exposition of the
-    same shape (content type, gzip, ``name[]`` filter) is served again, and a shape never
-    computed before is answered 503 with Retry-After. So a back-to-back scraper, or a swarm of
-    them, takes at most ``cpu_share`` of a core for expositions (plus the cheap serving of cached
-    bodies). Expositions are computed one at a time; a request that waited for another's
-    exposition, begun after it arrived, gets that one."""
+    A token bucket of CPU seconds, filled at ``cpu_share`` CPU seconds per wall second up to
+    ``burst``. Everything the server does for a connection is charged to it, measured with
+    ``time.thread_time()``: accepting it, the TLS handshake, reading and answering the request,
+    the exposition (OTel collection, text encoding, gzip). A connection starts only when the
+    bucket is not in debt, in arrival order (:meth:`admit`, in the connection's own thread, never
+    in the accept loop); so a back-to-back scraper, or a swarm of them, cannot take more than
+    ``cpu_share`` of a core (the GIL included) on average, and a real scraper waits behind at most
+    the connections that arrived before it.
 
-    def __init__(self, cpu_share: float = 0.1, burst: float = 0.5, shapes: int = 16) -> None:
+    An exposition is served from the cache (the latest of the request's shape: content type,
+    gzip, ``name[]`` filter) while other connections wait for the bucket and it is under
+    ``max_stale`` seconds old; otherwise it is computed afresh, once the bucket holds its cost
+    (that of the last exposition; waiting at most ``max_stale``). A normal scraper therefore
+    always gets a fresh one; under a flood they are at most about ``max_stale`` plus one
+    exposition's repayment old. One exposition is computed at a time; a request that waited for
+    one begun after it arrived gets that one."""
+
+    def __init__(
+        self,
+        cpu_share: float = 0.1,
+        burst: float = 0.5,
+        max_stale: float = 1.0,
+        shapes: int = 16,
+    ) -> None:
         self.cpu_share = cpu_share
         self.burst = burst
+        self.max_stale = max_stale
         self.shapes = shapes
         self._lock = threading.Lock()  # one exposition at a time
+        self._bucket = threading.Lock()
+        self._queue: deque[threading.Event] = deque()
         self._tokens = burst
         self._filled = time.monotonic()
+        self._cost = 0.0  # CPU seconds of the last fresh exposition
         self._cache: OrderedDict[tuple, tuple[float, str, list, bytes]] = OrderedDict()
         self.fresh = 0  # expositions computed
         self.cached = 0  # requests answered with a cached exposition
-        self.refused = 0  # requests answered 503 (budget spent, shape never computed)
         self.cpu_seconds = 0.0  # thread CPU time of all expositions
+        self.charged = 0.0  # CPU seconds charged in all (connections, expositions included)
+        self.waited = 0  # connections that had to wait for the bucket
 
+    # ---- the bucket ----
+    def _refill(self) -> float:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.cpu_share)
+        self._filled = now
+        return self._tokens
+
+    def tokens(self) -> float:
+        with self._bucket:
+            return self._refill()
+
+    def queued(self) -> bool:
+        """Connections are waiting for the bucket."""
+        with self._bucket:
+            return bool(self._queue)
+
+    def afford(self, cost: float, limit: float) -> None:
+        """Wait (at most ``limit`` seconds) until the bucket holds ``cost``."""
+        end = time.monotonic() + limit
+        while True:
+            with self._bucket:
+                missing = cost - self._refill()
+            now = time.monotonic()
+            if missing <= 0 or now >= end:
+                return
+            time.sleep(min(missing / self.cpu_share, end - now))
+
+    def charge(self, seconds: float) -> None:
+        with self._bucket:
+            self._tokens -= seconds
+            self.charged += seconds
+
+    def admit(self, deadline: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """Wait, in arrival order, until the bucket is not in debt; False at ``deadline`` or once
+        ``cancelled()`` (the connection was dropped meanwhile)."""
+        me = threading.Event()
+        with self._bucket:
+            if not self._queue and self._refill() > 0:
+                return True
+            self._queue.append(me)
+            self.waited += 1
+        try:
+            while True:
+                with self._bucket:
+                    tokens = self._refill()
+                    first = self._queue[0] is me
+                    if first and tokens > 0:
+                        return True
+                now = time.monotonic()
+                if now >= deadline or cancelled():
+                    return False
+                # The first waits for the tokens; the others sleep until it leaves (set), so a
+                # long queue costs no CPU.
+                wait = max(-tokens / self.cpu_share, 0.001) if first else deadline - now
+                me.wait(min(wait, deadline - now))
+                me.clear()
+        finally:
+            with self._bucket:
+                self._queue.remove(me)
+                if self._queue:
+                    self._queue[0].set()
+
+    # ---- expositions ----
     @staticmethod
     def shape(environ: dict) -> tuple:
         """What the response depends on besides the statistics (not the raw headers: a client
@@ -435,22 +546,17 @@ class ScrapeBudget:
         key, arrived = self.shape(environ), time.monotonic()
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.cpu_share)
-            self._filled = now
             cached = self._cache.get(key)
-            if cached is not None and (cached[0] >= arrived or self._tokens <= 0):
+            if cached is not None and (
+                cached[0] >= arrived or (now - cached[0] < self.max_stale and self.queued())
+            ):
                 self._cache.move_to_end(key)
                 self.cached += 1
-            elif self._tokens <= 0:
-                self.refused += 1
-                cached = None
             else:
-                cached = self._compute(app, environ, key, now)
-        if cached is None:
-            start_response(
-                "503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")]
-            )
-            return [b"gradwatch: exposition CPU budget spent, retry in a second\n"]
+                # Pay before computing: alone, a scraper waits the exposition's cost / share
+                # (the cost of the last one; at most max_stale), then gets a fresh one.
+                self.afford(self._cost, self.max_stale)
+                cached = self._compute(app, environ, key, time.monotonic())
         _, status, headers, body = cached
         start_response(status, headers)
         return [body]
@@ -465,9 +571,8 @@ class ScrapeBudget:
         try:
             body = b"".join(app(environ, capture))
         finally:
-            cost = time.thread_time() - cpu
-            self._tokens -= cost
-            self.cpu_seconds += cost
+            self._cost = time.thread_time() - cpu
+            self.cpu_seconds += self._cost
         self.fresh += 1
         cached = (began, captured["status"], captured["headers"], body)
         self._cache[key] = cached
