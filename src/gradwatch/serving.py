@@ -253,7 +253,7 @@ class _QuietHandler(BaseRequestHandler):
             dropped = conn.dropped if conn is not None else ""
             if dropped:
                 exc = _Drop(f"{dropped}: {_describe(exc)}")
-            elif isinstance(exc, (TimeoutError, socket.timeout)):
+            elif isinstance(exc, TimeoutError):
                 exc = _Drop(f"deadline passed: {_describe(exc)}")
             if not isinstance(exc, _Quiet):
                 server.note_error(exc)
@@ -462,6 +462,7 @@ class ScrapeBudget:
         self._cache: OrderedDict[tuple, tuple[float, str, list, bytes]] = OrderedDict()
         self.fresh = 0  # expositions computed
         self.cached = 0  # requests answered with a cached exposition
+        self.stale = 0  # ... of them, with one begun before they arrived (the budget's choice)
         self.cpu_seconds = 0.0  # thread CPU time of all expositions
         self.charged = 0.0  # CPU seconds charged in all (connections, expositions included)
         self.waited = 0  # connections that had to wait for the bucket
@@ -552,6 +553,7 @@ class ScrapeBudget:
             ):
                 self._cache.move_to_end(key)
                 self.cached += 1
+                self.stale += cached[0] < arrived
             else:
                 # Pay before computing: alone, a scraper waits the exposition's cost / share
                 # (the cost of the last one; at most max_stale), then gets a fresh one.
