@@ -704,8 +704,10 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="gradwatch_errors_total",
         instrument="counter",
         unit="{error}",
-        formula="Failures inside gradwatch, by stage (collect, readout, export, server, names);"
-        " each was logged and never raised into training.",
+        formula="Failures inside gradwatch, by stage (collect, readout, export, server, names),"
+        " each logged and never raised into training; and connections of misbehaving /metrics"
+        " clients (http: failed TLS handshakes, deadlines, malformed requests, resets), summarised"
+        " in one log line a minute at most.",
         scope=SELF,
         across_tensors="-",
         across_ranks="per rank",

@@ -1285,14 +1285,16 @@ def alert_rules() -> dict:
         ),
         _alert(
             "GradwatchInternalErrors",
-            "increase(gradwatch_errors_total[10m]) > 0\n"
-            "or\n(gradwatch_errors_total > 0 unless gradwatch_errors_total offset 10m)",
+            'increase(gradwatch_errors_total{stage!="http"}[10m]) > 0\n'
+            'or\n(gradwatch_errors_total{stage!="http"} > 0'
+            " unless gradwatch_errors_total offset 10m)",
             "0m",
             "warning",
             "gradwatch failed in stage {{ $labels.stage }} on " + _WHERE,
             "gradwatch logged failures in the last 10 minutes (training went on; statistics of"
             " that stage may be missing). The series of a stage appears with its first"
-            " failure, hence the second term.",
+            " failure, hence the second term. Stage http (misbehaving /metrics clients, not"
+            " gradwatch failures) does not alert.",
         ),
     ]
     return {
