@@ -9,8 +9,8 @@ scraper in another, so that neither takes the server process's GIL):
 * ``noread``: N connections that send a request and never read the response (receive buffer of
   4 KiB, so that the server's writes block), reconnecting when closed.
 
-The real scraper fetches /metrics every 0.3 s (timeout 30 s) and reports p50/max latency and
-failures. The exposition is gradwatch's default statistic set of a small model, or with
+The real scraper fetches /metrics every 0.3 s (``--interval``; timeout 30 s) and reports p50/max
+latency and failures. The exposition is gradwatch's default statistic set of a small model, or with
 ``--params N --per-param`` the per-parameter series of N parameter tensors.
 
 Run:  python benchmarks/bench_http_abuse.py [--clients 200] [--scrapes 12]
@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -73,7 +74,7 @@ time.sleep(3600)
 
 PROBER = r"""
 import json, sys, time, urllib.request
-port, k = int(sys.argv[1]), int(sys.argv[2])
+port, k, interval = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 out = []
 for _ in range(k):
     t0 = time.monotonic()
@@ -82,9 +83,12 @@ for _ in range(k):
         out.append(time.monotonic() - t0)
     except Exception as exc:
         out.append(None)
-    time.sleep(0.3)
+    time.sleep(interval)
 print(json.dumps(out))
 """
+
+
+baseline_threads = 0
 
 
 def free_port() -> int:
@@ -93,7 +97,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scenario(mode: str, port: int, clients: int, scrapes: int) -> list[float | None]:
+def scenario(
+    mode: str, port: int, clients: int, scrapes: int, interval: float
+) -> list[float | None]:
     abuser = subprocess.Popen(
         [sys.executable, "-c", ABUSER, mode, str(port), str(clients)],
         stdout=subprocess.PIPE,
@@ -103,16 +109,22 @@ def scenario(mode: str, port: int, clients: int, scrapes: int) -> list[float | N
         abuser.stdout.readline()
         time.sleep(1.5 if mode == "flood" else 3.0)  # let the abuse build up
         out = subprocess.run(
-            [sys.executable, "-c", PROBER, str(port), str(scrapes)],
+            [sys.executable, "-c", PROBER, str(port), str(scrapes), str(interval)],
             capture_output=True,
             text=True,
-            timeout=60 + 31 * scrapes,
+            timeout=60 + (31 + interval) * scrapes,
         )
         return json.loads(out.stdout)
     finally:
         abuser.kill()
         abuser.wait(10)
-        time.sleep(1.0)  # let the servers close what the abuser left
+        # Both servers share the registry (and its collection lock): wait until the threads
+        # that still work for the killed abuser are gone, so that they do not delay the next
+        # scenario (prometheus_client's may compute queued expositions for many seconds).
+        end = time.monotonic() + 120
+        while threading.active_count() > baseline_threads + 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(0.5)
 
 
 def main() -> None:
@@ -122,6 +134,7 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=8)
     ap.add_argument("--per-param", action="store_true")
     ap.add_argument("--modes", default="flood,slowloris,noread")
+    ap.add_argument("--interval", type=float, default=0.3, help="seconds between real scrapes")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(max(args.params // 2, 1))])
@@ -135,18 +148,20 @@ def main() -> None:
     theirs = free_port()
     httpd, _ = start_http_server(theirs, addr="127.0.0.1", registry=exporter.registry)
     ours = handle.port
+    global baseline_threads
+    baseline_threads = threading.active_count()
     size = len(
         __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{ours}/metrics").read()
     )
     print(
         f"exposition {size} bytes; {args.clients} abusing clients; {args.scrapes} real scrapes"
-        " per scenario, 0.3 s apart, timeout 30 s"
+        f" per scenario, {args.interval} s apart, timeout 30 s"
     )
     print("| scenario | server | p50 s | max s | failed |")
     print("|---|---|---|---|---|")
     for mode in args.modes.split(","):
         for label, port in (("gradwatch", ours), ("prometheus_client", theirs)):
-            lat = scenario(mode, port, args.clients, args.scrapes)
+            lat = scenario(mode, port, args.clients, args.scrapes, args.interval)
             ok = [x for x in lat if x is not None]
             p50 = f"{statistics.median(ok):.3f}" if ok else "-"
             mx = f"{max(ok):.3f}" if ok else "-"

@@ -125,6 +125,7 @@ def main() -> None:
             # Steady state, as under scrapers that never pause: the quiet phase must not have
             # refilled the CPU budget for this one.
             with budget._bucket:
+                budget._refill()
                 budget._tokens = min(budget._tokens, 0.0)
             time.sleep(0.05)
             before = {k: getattr(budget, k) for k in totals}

@@ -478,6 +478,17 @@ class ScrapeBudget:
         with self._bucket:
             return self._refill()
 
+    def _waiting_hit(self, key: tuple, arrived: float) -> tuple | None:
+        """The cached exposition of this shape if other connections wait and it is fresh
+        enough (counted as served), else None."""
+        with self._bucket:
+            cached = self._cache.get(key)
+            if cached is None or not self._queue or arrived - cached[0] >= self.max_stale:
+                return None
+            self.cached += 1
+            self.stale += 1
+            return cached
+
     def queued(self) -> bool:
         """Connections are waiting for the bucket."""
         with self._bucket:
@@ -545,20 +556,25 @@ class ScrapeBudget:
         if environ.get("REQUEST_METHOD") != "GET":
             return app(environ, start_response)  # OPTIONS, 405: no exposition
         key, arrived = self.shape(environ), time.monotonic()
-        with self._lock:
-            now = time.monotonic()
-            cached = self._cache.get(key)
-            if cached is not None and (
-                cached[0] >= arrived or (now - cached[0] < self.max_stale and self.queued())
-            ):
-                self._cache.move_to_end(key)
-                self.cached += 1
-                self.stale += cached[0] < arrived
-            else:
-                # Pay before computing: alone, a scraper waits the exposition's cost / share
-                # (the cost of the last one; at most max_stale), then gets a fresh one.
-                self.afford(self._cost, self.max_stale)
-                cached = self._compute(app, environ, key, time.monotonic())
+        cached = self._waiting_hit(key, arrived)  # without the exposition lock: the fast path
+        if cached is None:
+            with self._lock:
+                now = time.monotonic()
+                cached = self._cache.get(key)
+                if cached is not None and (
+                    cached[0] >= arrived or (now - cached[0] < self.max_stale and self.queued())
+                ):
+                    with self._bucket:
+                        self._cache.move_to_end(key)
+                    self.cached += 1
+                    self.stale += cached[0] < arrived
+                else:
+                    if not self.queued():
+                        # Pay before computing: alone, a scraper waits the exposition's cost /
+                        # share (the cost of the last one; at most max_stale), then gets a
+                        # fresh one. With others waiting, the debt is repaid by their wait.
+                        self.afford(self._cost, self.max_stale)
+                    cached = self._compute(app, environ, key, time.monotonic())
         _, status, headers, body = cached
         start_response(status, headers)
         return [body]
@@ -577,10 +593,11 @@ class ScrapeBudget:
             self.cpu_seconds += self._cost
         self.fresh += 1
         cached = (began, captured["status"], captured["headers"], body)
-        self._cache[key] = cached
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.shapes:  # bounded: request shapes are the client's choice
-            self._cache.popitem(last=False)
+        with self._bucket:  # _waiting_hit reads the cache under this lock only
+            self._cache[key] = cached
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.shapes:  # bounded: shapes are the client's choice
+                self._cache.popitem(last=False)
         return cached
 
 
