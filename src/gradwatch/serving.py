@@ -114,7 +114,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         if victim is not None:
             self._kill(victim.sock)
         if refuse:
-            self.note_error(_Drop("refused: too many connections computing"))
+            self.note_error(_Drop("refused: connection cap reached and no connection is idle"))
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
