@@ -258,6 +258,9 @@ class OptimizerWatch:
         self.last_nonfinite: Readout | None = None
         self.backend_names: set[str] = set()
         self.scaler = None  # the GradScaler whose step() called this optimizer (set by session)
+        # optimizers this one wraps (their own steps are not reported: see stacks.wrapped)
+        self.inner_optimizers: list[torch.optim.Optimizer] = []
+        self.closure_pending = False  # step(closure) began; collect after the closure's first call
         self._norms: deque[float] = deque(maxlen=PENDING_NORMS)  # finite per-step norms
         self._was_nonfinite = False
         self._last_incident = -math.inf
@@ -397,16 +400,27 @@ class OptimizerWatch:
             ctx["noise_scale"] = trace / g2 if g2 > 0 and trace > 0 else math.nan
 
     # ---- training thread ----
-    def on_step(self, clip: ClipRecord | None = None) -> None:
-        """Pre-step hook body: never raises."""
+    def begin_step(self) -> None:
+        """First half of a step (its pre-step hook): count it and publish finished device work.
+
+        The step number is the count of ``step()`` calls, applied or skipped by GradScaler
+        (see :meth:`note_amp_skipped`), the same on fused and non-fused paths."""
         self.steps += 1
+        self.closure_pending = False  # a closure that raised last step never collected
+        try:
+            self.poll()
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("readout", exc)
+
+    def collect_step(self, clip: ClipRecord | None = None, sample_update: bool = True) -> None:
+        """Second half: the gradients the step will apply are final. At the pre-step hook
+        without a closure; after the closure's first call with one. Never raises."""
         try:
             self._take_window()
         except Exception as exc:  # noqa: BLE001
             self._step_noise = None
             self.errors.record("collect", exc)
         try:
-            self.poll()
             if (self.steps - 1) % self.config.every == 0:
                 t0 = time.perf_counter()
                 self._collect(clip)
@@ -416,11 +430,16 @@ class OptimizerWatch:
         try:
             self._update_pending = None  # an earlier step whose post hook never ran
             k = self.config.update_every
-            if k and (self.steps - 1) % k == 0:
+            if sample_update and k and (self.steps - 1) % k == 0:
                 self._snapshot_params()
         except Exception as exc:  # noqa: BLE001
             self._update_pending = None
             self.errors.record("collect", exc)
+
+    def on_step(self, clip: ClipRecord | None = None) -> None:
+        """A step without a closure: both halves at once."""
+        self.begin_step()
+        self.collect_step(clip)
 
     def on_step_post(self) -> None:
         """Post-step hook body: difference the sampled step's snapshot; never raises."""
@@ -433,7 +452,9 @@ class OptimizerWatch:
             self.errors.record("collect", exc)
 
     def note_amp_skipped(self) -> None:
-        """GradScaler skipped optimizer.step() (non-fused path): the hook never fired."""
+        """GradScaler skipped optimizer.step() (non-fused path): the hook never fired. The
+        call still takes a step number, as it does on the fused path (where step() runs)."""
+        self.steps += 1
         with self._lock:
             self.amp_skipped_steps += 1
         self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
@@ -547,7 +568,12 @@ class OptimizerWatch:
         if clip is not None:
             put("preclip_norm", clip.norm)
             host["clip_max_norm"] = clip.max_norm
-        for i, group in enumerate(opt.param_groups):
+        groups = opt.param_groups
+        if self.inner_optimizers and not any("lr" in g for g in groups):
+            # a container without learning rates of its own (torchtitan's OptimizersContainer):
+            # its inner optimizers' groups, numbered in order
+            groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
+        for i, group in enumerate(groups):
             put(f"lr:{i}", group.get("lr"))
         if self._step_noise is not None:
             k, small = self._step_noise

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import distributed
+from . import distributed, stacks
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
 from .config import Config, SettingError, from_env
 
@@ -68,6 +68,7 @@ class Session:
         self.models: list[torch.nn.Module] = list(models)
         self._watches: dict[int, OptimizerWatch] = {}
         self._explicit: set[int] | None = None
+        self._inner: set[int] = set()  # ids of optimizers stepped by a watched outer one
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._hooks: list = []
@@ -125,31 +126,79 @@ class Session:
             if watch is None:
                 if self._explicit is not None and id(optimizer) not in self._explicit:
                     return None
+                if self._is_inner(optimizer):
+                    return None
                 watch = OptimizerWatch(
                     optimizer, len(self._watches), self.config, self.errors, self._names
                 )
+                watch.inner_optimizers = stacks.inner_optimizers(optimizer)
+                self._inner.update(id(o) for o in watch.inner_optimizers)
                 self._watches[id(optimizer)] = watch
             return watch
 
+    def _is_inner(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Wrapper rule (see :mod:`gradwatch.stacks`): ``optimizer`` is stepped by a watched
+        outer one. Decided at its first step; called with the lock held."""
+        if id(optimizer) in self._inner:
+            return True
+        for outer in self._watches.values():
+            if stacks.step_running(outer.optimizer_ref):
+                self._inner.add(id(optimizer))
+                outer.inner_optimizers.append(optimizer)
+                return True
+        return False
+
+    def _start_endpoint(self) -> None:
+        self._ensure_exporter()
+        if self.exporter is not None:
+            self.exporter.ensure_serving()
+
     # ---- hooks ----
-    def _pre_step_hook(self, optimizer, args, kwargs) -> None:
+    def _pre_step_hook(self, optimizer, args, kwargs):
         try:
             watch = self.watch_for(optimizer)
             if watch is None:
-                return
-            self._ensure_exporter()
-            if self.exporter is not None:
-                self.exporter.ensure_serving()
+                return None
+            self._start_endpoint()
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
-            return
-        watch.on_step(self._take_clip(optimizer))
+            return None
+        watch.begin_step()
+        try:
+            closure = stacks.closure_of(args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+            closure = None
+        if closure is None:
+            watch.collect_step(self._take_clip(optimizer))
+            return None
+        watch.closure_pending = True
+        return stacks.with_closure(args, kwargs, self._collecting(closure, watch, optimizer))
+
+    def _collecting(self, closure, watch: OptimizerWatch, optimizer):
+        """The closure the step runs instead: the user's, then (first call only) collection of
+        the gradients it left, clipping inside it included."""
+        session = self
+
+        @functools.wraps(closure)
+        def closure_then_collect(*args, **kwargs):
+            result = closure(*args, **kwargs)
+            if watch.closure_pending:
+                watch.closure_pending = False
+                watch.collect_step(session._take_clip(optimizer))
+            return result
+
+        return closure_then_collect
 
     def _post_step_hook(self, optimizer, args, kwargs) -> None:
         try:
             watch = self._watches.get(id(optimizer))
-            if watch is not None and not self.closed:
-                watch.on_step_post()
+            if watch is None or self.closed:
+                return
+            if watch.closure_pending:  # the step never called its closure
+                watch.closure_pending = False
+                watch.collect_step(self._take_clip(optimizer), sample_update=False)
+            watch.on_step_post()
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
 
@@ -192,39 +241,79 @@ class Session:
             self.errors.record("collect", exc)
 
     def _patch_clip_grad_norm(self) -> None:
+        """Wrap torch's clip API: ``clip_grad_norm_``, and the split API ``get_total_norm`` +
+        ``clip_grads_with_norm_`` (torchtitan's clip). Results are bitwise identical."""
         from torch.nn.utils import clip_grad
 
-        original = clip_grad.clip_grad_norm_
-        if getattr(original, "_gradwatch_session", None) is not None:
+        if getattr(clip_grad.clip_grad_norm_, "_gradwatch_session", None) is not None:
             return  # another session patched it; it restores on close
         session = self
+        self._clip_originals: dict[str, object] = {}
+        self._total_norm_type: float | None = None  # norm_type of the last get_total_norm call
 
-        @functools.wraps(original)
-        def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *args, **kwargs):
-            # The same list the original builds itself: results are bitwise identical.
+        def as_list(parameters):
+            # The same list the originals build themselves.
             if isinstance(parameters, torch.Tensor):
-                parameters = [parameters]
-            else:
-                parameters = list(parameters)
-            total_norm = original(parameters, max_norm, norm_type, *args, **kwargs)
-            session._note_clip(parameters, max_norm, norm_type, total_norm)
-            return total_norm
+                return [parameters]
+            return list(parameters)
 
-        clip_grad_norm_._gradwatch_session = self  # type: ignore[attr-defined]
-        self._clip_original = original
-        clip_grad.clip_grad_norm_ = clip_grad_norm_
-        if torch.nn.utils.clip_grad_norm_ is original:
-            torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+        def patched_clip_grad_norm_(original):
+            @functools.wraps(original)
+            def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *args, **kwargs):
+                parameters = as_list(parameters)
+                total_norm = original(parameters, max_norm, norm_type, *args, **kwargs)
+                session._note_clip(parameters, max_norm, norm_type, total_norm)
+                return total_norm
+
+            return clip_grad_norm_
+
+        def patched_get_total_norm(original):
+            @functools.wraps(original)
+            def get_total_norm(tensors, norm_type=2.0, *args, **kwargs):
+                session._total_norm_type = norm_type
+                return original(tensors, norm_type, *args, **kwargs)
+
+            return get_total_norm
+
+        def patched_clip_grads_with_norm_(original):
+            @functools.wraps(original)
+            def clip_grads_with_norm_(parameters, max_norm, total_norm, *args, **kwargs):
+                parameters = as_list(parameters)
+                result = original(parameters, max_norm, total_norm, *args, **kwargs)
+                # A norm from get_total_norm carries that call's norm_type; one computed
+                # elsewhere is taken as an L2 norm (README, "Clipping").
+                norm_type = session._total_norm_type
+                session._total_norm_type = None
+                session._note_clip(
+                    parameters, max_norm, 2.0 if norm_type is None else norm_type, total_norm
+                )
+                return result
+
+            return clip_grads_with_norm_
+
+        factories = {
+            "clip_grad_norm_": patched_clip_grad_norm_,
+            "get_total_norm": patched_get_total_norm,
+            "clip_grads_with_norm_": patched_clip_grads_with_norm_,
+        }
+        for name, factory in factories.items():
+            original = getattr(torch.nn.utils, name, None) or getattr(clip_grad, name, None)
+            if original is None:
+                continue  # torch < 2.6 has no split API
+            wrapper = factory(original)
+            wrapper._gradwatch_session = self  # type: ignore[attr-defined]
+            self._clip_originals[name] = original
+            for module in (clip_grad, torch.nn.utils):
+                if getattr(module, name, None) is original:
+                    setattr(module, name, wrapper)
 
     def _unpatch_clip_grad_norm(self) -> None:
         from torch.nn.utils import clip_grad
 
-        original = getattr(self, "_clip_original", None)
-        if original is None:
-            return
-        for module in (clip_grad, torch.nn.utils):
-            if getattr(module.clip_grad_norm_, "_gradwatch_session", None) is self:
-                module.clip_grad_norm_ = original
+        for name, original in getattr(self, "_clip_originals", {}).items():
+            for module in (clip_grad, torch.nn.utils):
+                if getattr(getattr(module, name, None), "_gradwatch_session", None) is self:
+                    setattr(module, name, original)
 
     def _ensure_exporter(self) -> None:
         if self.exporter is not None or self._exporter_failed:
@@ -283,9 +372,15 @@ class Session:
         session = self
 
         def step(scaler, optimizer, *args, **kwargs):
-            watch = session.watch_for(optimizer) if scaler.is_enabled() else None
-            if watch is not None:
-                watch.scaler = scaler  # its loss scale is read with the step's partials
+            watch = None
+            try:
+                watch = session.watch_for(optimizer) if scaler.is_enabled() else None
+                if watch is not None:
+                    watch.scaler = scaler  # its loss scale is read with the step's partials
+                    # up from the first step even if GradScaler skips every one of them
+                    session._start_endpoint()
+            except Exception as exc:  # noqa: BLE001 - never raise into training
+                session.errors.record("collect", exc)
             before = watch.steps if watch is not None else None
             result = original(scaler, optimizer, *args, **kwargs)
             if watch is not None and watch.steps == before:
