@@ -9,13 +9,11 @@ step pre-hook. The endpoint starts at the first optimizer step (see :mod:`gradwa
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
 import types
 
 from .config import FALSE_WORDS, SettingError, from_env
+from .imports import after_import
 
 
 def wanted(value: str | None) -> bool:
@@ -43,56 +41,13 @@ def autostart() -> None:
         return
     if not config.enabled:
         return
-    if "torch" in sys.modules:
-        _start()
-    else:
-        sys.meta_path.insert(0, _TorchImportWatcher())
+    after_import("torch", _start)
 
 
-def _start() -> None:
+def _start(_torch: types.ModuleType | None = None) -> None:
     try:
         from .session import start_from_env
 
         start_from_env()
     except Exception as exc:  # noqa: BLE001
         print(f"gradwatch: could not start ({exc!r}); training goes on", file=sys.stderr)
-
-
-class _NotifyingLoader(importlib.abc.Loader):
-    """Delegates to torch's own loader, then starts gradwatch once torch is fully imported."""
-
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        module.__spec__.loader = self._inner  # leave no trace on torch's module spec
-        self._inner.exec_module(module)
-        _start()
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-
-class _TorchImportWatcher(importlib.abc.MetaPathFinder):
-    """Waits for ``import torch`` (by anyone), then removes itself."""
-
-    def __init__(self) -> None:
-        self._searching = False
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "torch" or self._searching:
-            return None
-        self._searching = True
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._searching = False
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _NotifyingLoader(spec.loader)
-        return spec

@@ -455,6 +455,10 @@ class OptimizerWatch:
         """GradScaler skipped optimizer.step() (non-fused path): the hook never fired. The
         call still takes a step number, as it does on the fused path (where step() runs)."""
         self.steps += 1
+        self.count_skipped()
+
+    def count_skipped(self) -> None:
+        """A step whose gradients were not applied (loss-scale overflow)."""
         with self._lock:
             self.amp_skipped_steps += 1
         self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
@@ -596,26 +600,42 @@ class OptimizerWatch:
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         if len(by_device) == 1 and device.type == "cuda":
-            self._launch_cuda(device, grads, layout, numel, context, device_values, view.owned)
+            backend = self._backend(device)
+            self._launch_cuda(
+                device,
+                lambda: backend.partials(grads),
+                layout,
+                numel,
+                context,
+                device_values,
+                view.owned,
+            )
             return
         parts = [self._backend(d).partials(gs).to("cpu") for d, gs in by_device.items()]
         local = torch.cat(parts) if len(parts) > 1 else parts[0]
         for key, t in device_values:  # this path already copies to the host synchronously
             context[key] = float(t)
+        self._publish_host(local, layout, numel, context, view.owned if view.combine else None)
+
+    def _publish_host(self, local, layout, numel, context, owned=None) -> None:
+        """Publish CPU partials of this step, combined across ranks first if ``owned`` is given
+        (one small gloo all-reduce pair; waiting for it on the CPU is cheap)."""
         host = local.numpy().reshape(-1, N_PARTIALS)
-        if view.combine:
-            # CPU partials: one small gloo all-reduce pair; waiting for it on the CPU is cheap.
-            result, works = distributed.start_combine(local, view.owned)
-            for work in works:
-                work.wait()
-            combined = distributed.finish_combine(result).numpy()
-            self._publish(self.steps, layout, combined, numel, context, local=host)
-        else:
+        if owned is None:
             self._publish(self.steps, layout, host, numel, context)
+            return
+        result, works = distributed.start_combine(local, owned)
+        for work in works:
+            work.wait()
+        combined = distributed.finish_combine(result).numpy()
+        self._publish(self.steps, layout, combined, numel, context, local=host)
 
     def _launch_cuda(
-        self, device, grads, layout, numel, context, device_values, owned=None
+        self, device, reduce, layout, numel, context, device_values, owned=None
     ) -> None:
+        """``reduce()`` gives the [T, 6] partials (launched on the side stream, which waits for
+        the main one); they are combined across ranks if ``owned`` is given, then copied to
+        pinned memory and read by :meth:`poll` once their event completes."""
         with self._lock:
             if len(self._inflight) >= RING_SLOTS:
                 self.dropped_steps += 1
@@ -627,12 +647,11 @@ class OptimizerWatch:
         stream.wait_stream(
             main
         )  # read grads only once their producer (maybe FSDP's stream) is done
-        backend = self._backend(device)
-        t = len(grads)
+        t = len(layout.names)
         k = len(device_values)
         combine = owned is not None
         with torch.cuda.stream(stream):
-            partials = backend.partials(grads)
+            partials = reduce()
             if k:
                 extra = torch.stack(
                     [v.reshape(()).to(device, torch.float64) for _, v in device_values]

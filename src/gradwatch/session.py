@@ -9,6 +9,7 @@ and never in a forked child of the process that started them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import logging
@@ -19,9 +20,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import distributed, stacks
+from . import distributed, imports, stacks
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
 from .config import Config, SettingError, from_env
+from .stacks import deepspeed
 
 log = logging.getLogger("gradwatch")
 
@@ -93,6 +95,10 @@ class Session:
                 self.add_optimizer(opt)
         self._patch_grad_scaler()
         self._patch_clip_grad_norm()
+        self._scopes = threading.local()  # .stack: the stack steps running on this thread
+        self._zero_patches: list[tuple[type, dict[str, object]]] = []
+        for module_name, _ in deepspeed.ZERO_OPTIMIZERS:
+            imports.after_import(module_name, self._patch_zero)
         atexit.register(self.close)
 
     # ---- watches ----
@@ -101,6 +107,14 @@ class Session:
             if self._explicit is None or id(optimizer) in self._explicit:
                 return
             self._explicit.add(id(optimizer))
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                # a stack's optimizer (DeepSpeed ZeRO): its step is patched; the torch
+                # optimizers it steps are hooked, their steps routed to its watch
+                inner = deepspeed.inner_optimizers(optimizer)
+                self._inner.update(id(o) for o in inner)
+                for opt in inner:
+                    self._hooks.append(opt.register_step_pre_hook(self._hook))
+                return
             self._hooks.append(optimizer.register_step_pre_hook(self._hook))
             self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
 
@@ -148,6 +162,54 @@ class Session:
                 return True
         return False
 
+    def mark_inner(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Optimizers a stack steps itself: never reported on their own."""
+        with self._lock:
+            self._inner.update(id(o) for o in optimizers)
+
+    def zero_watch_for(self, zero) -> OptimizerWatch | None:
+        """The watch of a DeepSpeed ZeRO optimizer (see :mod:`gradwatch.stacks.deepspeed`)."""
+        if self.closed or os.getpid() != self._pid:
+            return None
+        with self._lock:
+            watch = self._watches.get(id(zero))
+            if watch is None:
+                if self._explicit is not None and id(zero) not in self._explicit:
+                    return None
+                watch = deepspeed.ZeroWatch(
+                    zero, len(self._watches), self.config, self.errors, self._names
+                )
+                self._watches[id(zero)] = watch
+        try:
+            self._start_endpoint()
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("server", exc)
+        return watch
+
+    @contextlib.contextmanager
+    def inner_scope(self, watch):
+        """While a stack's own step runs: the torch optimizers it steps are routed to
+        ``watch.on_inner_step`` (``watch`` None: ignored) instead of being watched."""
+        stack = self._scopes.__dict__.setdefault("stack", [])
+        stack.append(watch)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    def _patch_zero(self, module) -> None:
+        """Post-import hook of DeepSpeed's ZeRO modules. Never raises."""
+        try:
+            if self.closed:
+                return
+            for module_name, class_name in deepspeed.ZERO_OPTIMIZERS:
+                if module.__name__ == module_name:
+                    patched = deepspeed.patch(self, module, class_name)
+                    if patched is not None:
+                        self._zero_patches.append(patched)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+
     def _start_endpoint(self) -> None:
         self._ensure_exporter()
         if self.exporter is not None:
@@ -155,6 +217,14 @@ class Session:
 
     # ---- hooks ----
     def _pre_step_hook(self, optimizer, args, kwargs):
+        stack = getattr(self._scopes, "stack", None)
+        if stack:  # inside a stack's own step: its inner optimizer
+            try:
+                if stack[-1] is not None:
+                    stack[-1].on_inner_step(optimizer)
+            except Exception as exc:  # noqa: BLE001 - never raise into training
+                self.errors.record("collect", exc)
+            return None
         try:
             watch = self.watch_for(optimizer)
             if watch is None:
@@ -191,6 +261,8 @@ class Session:
         return closure_then_collect
 
     def _post_step_hook(self, optimizer, args, kwargs) -> None:
+        if getattr(self._scopes, "stack", None):
+            return  # a stack's inner optimizer
         try:
             watch = self._watches.get(id(optimizer))
             if watch is None or self.closed:
@@ -413,6 +485,9 @@ class Session:
         self._hooks.clear()
         self._unpatch_grad_scaler()
         self._unpatch_clip_grad_norm()
+        imports.cancel(self._patch_zero)
+        for cls, originals in self._zero_patches:
+            deepspeed.unpatch(self, cls, originals)
         for w in self.watches():
             try:
                 w.remove_hooks()
