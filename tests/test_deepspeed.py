@@ -26,16 +26,17 @@ MAX_NORM = 0.5  # the script's gradient_clipping
 REL = 1e-5  # DeepSpeed clips in float32
 
 
-def _run(tmp: Path, stage: int, watch: bool) -> list[dict]:
+def _run(tmp: Path, stage: int, watch: bool, steps: int = STEPS, **extra: str) -> list[dict]:
     port = free_port_pair()
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
         "STAGE": str(stage),
-        "STEPS": str(STEPS),
+        "STEPS": str(steps),
         "OUT": str(tmp),
         "GRADWATCH_PER_PARAM": "1",
         "GRADWATCH_PORT": str(port),
+        **extra,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path]),
     }
     if watch:
@@ -98,3 +99,25 @@ def test_zero_exports_the_global_statistics_on_every_rank(tmp_path, stage, watch
             seen.append(value(samples, "grad_l2_norm"))
         per_rank_values.append(seen)
     assert per_rank_values[0] == per_rank_values[1]  # the same global values on every rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_zero_fp16_loss_scale_and_skipped_steps_are_deepspeeds(tmp_path, stage):
+    ranks = _run(tmp_path, stage, watch=False, steps=9, FP16="1")
+    for r, data in enumerate(ranks):
+        records = data["records"]
+        assert records[0]["skipped"] >= 1 and records[-1]["skipped"] < 9  # both kinds happen
+        applied = 0
+        for rec in records:
+            samples = parse(rec["scrape"])
+            where = f"stage {stage} rank {r} step {rec['step']}"
+            assert value(samples, "amp_skipped_steps_total") == rec["skipped"], where
+            applied = rec["step"] - rec["skipped"]
+            assert value(samples, "grad_steps_total") == applied, where
+            if applied and rec["ds_norm"] is not None and math.isfinite(rec["ds_norm"]):
+                if value(samples, "grad_stats_step") == rec["step"]:  # this step was applied
+                    assert value(samples, "amp_loss_scale") == rec["loss_scale"], where
+                    got = value(samples, "grad_preclip_l2_norm")
+                    assert got == pytest.approx(rec["ds_norm"], rel=1e-12), where
+        assert applied >= 2

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu) for tests/test_deepspeed.py.
 
-STAGE=1|2|3, STEPS, OUT. gradwatch is on through GRADWATCH=1 (no code here) unless WATCH=1, which
-calls gradwatch.watch(engine, engine.optimizer). After each engine.backward() the oracle is
+STAGE=1|2|3, STEPS, OUT; FP16=1: fp16 with a loss scale that overflows at first. gradwatch is
+on through GRADWATCH=1 (no code here) unless WATCH=1, which calls
+gradwatch.watch(engine, engine.optimizer). After each engine.backward() the oracle is
 DeepSpeed's own safe_get_full_grad(param) (full fp32 gradient, pre-clip), widened to float64;
 after engine.step() the rank scrapes its own /metrics. Writes OUT/rank<r>.json.
 """
@@ -13,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 from deepspeed.utils import safe_get_full_grad
 from torch import nn
@@ -47,6 +47,9 @@ config = {
     "zero_optimization": {"stage": stage},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
 }
+fp16 = bool(os.environ.get("FP16"))
+if fp16:  # 2**15: the first steps overflow and DeepSpeed skips them, halving the scale
+    config["fp16"] = {"enabled": True, "initial_scale_power": 15}
 engine, *_ = deepspeed.initialize(
     model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
 )
@@ -57,11 +60,14 @@ g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: grads d
 records = []
 for step in range(1, steps + 1):
     x, y = torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)
+    if fp16:
+        x, y = x.half(), y.half()
     loss = (engine(x) - y).pow(2).mean() * (4.0 * step)  # large and changing: clipping bites
     engine.backward(loss)
     full = [
         safe_get_full_grad(p).detach().to(torch.float64).numpy().ravel().tolist() for p in params
     ]
+    scale = float(engine.optimizer.loss_scale)  # the scale of this step's backward
     engine.step()
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
@@ -71,8 +77,16 @@ for step in range(1, steps + 1):
         port = gradwatch.session._SESSION.port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    records.append({"step": step, "full_grads": full, "ds_norm": norm, "scrape": text})
+    records.append(
+        {
+            "step": step,
+            "full_grads": full,
+            "ds_norm": norm,
+            "loss_scale": scale,
+            "skipped": engine.skipped_steps,
+            "scrape": text,
+        }
+    )
 (out / f"rank{rank}.json").write_text(json.dumps({"names": names, "records": records}))
 if handle is not None:
     handle.close()
-np.zeros(1)
