@@ -299,7 +299,8 @@ CATALOG: tuple[Statistic, ...] = (
         instrument="gauge",
         unit="{step}",
         formula="Optimizer step that the grad_* gauges belong to: number of optimizer.step()"
-        " calls so far, this one included.",
+        " calls so far, this one included; steps GradScaler (or DeepSpeed) skipped take a"
+        " number too, on fused and non-fused paths alike.",
         scope=GLOBAL,
         across_tensors="-",
         across_ranks="identical on every rank",
@@ -458,10 +459,13 @@ CATALOG: tuple[Statistic, ...] = (
         instrument="gauge",
         unit="{gradient}",
         formula="Total L2 norm of the gradients before clipping: the norm"
-        " torch.nn.utils.clip_grad_norm_ (norm_type 2) returned in the collected step (its last"
-        " call before the step); absent in steps the loop did not clip.",
+        " torch.nn.utils.clip_grad_norm_ (norm_type 2) returned, or the one passed to"
+        " torch.nn.utils.clip_grads_with_norm_, in the collected step (the last call before"
+        " the step); under DeepSpeed ZeRO the norm DeepSpeed clipped with. Absent in steps the"
+        " loop did not clip.",
         scope=TRAINING,
-        across_tensors="computed by clip_grad_norm_ (foreach norms, stacked, norm of norms)",
+        across_tensors="computed by the clip (clip_grad_norm_: foreach norms, stacked, norm of"
+        " norms)",
         across_ranks="as clip_grad_norm_ computed it on the rank",
     ),
     Statistic(
@@ -469,7 +473,7 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="grad_clip_coefficient_ratio",
         instrument="gauge",
         unit="1",
-        formula="Clipping coefficient clip_grad_norm_ applied in the collected step:"
+        formula="Clipping coefficient the clip applied in the collected step:"
         " min(1, max_norm / (grad_preclip_l2_norm + 1e-6)), evaluated in float64; 1 means not"
         " clipped. Absent in steps the loop did not clip.",
         scope=TRAINING,
@@ -481,7 +485,7 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="grad_clipped_steps_total",
         instrument="counter",
         unit="{step}",
-        formula="Collected steps in which clip_grad_norm_ scaled the gradients down"
+        formula="Collected steps in which the clip scaled the gradients down"
         " (grad_clip_coefficient_ratio < 1).",
         scope=TRAINING,
         across_tensors="-",
