@@ -638,6 +638,18 @@ CATALOG: tuple[Statistic, ...] = (
         across_tensors="-",
         across_ranks="identical on every rank",
     ),
+    Statistic(
+        otel_name="grad.unreduced_tensors",
+        prom_name="grad_unreduced_tensors",
+        instrument="gauge",
+        unit="{tensor}",
+        formula="Parameter tensors of the collected step whose gradient gradwatch cannot reduce"
+        " (sparse, complex or meta gradients, named once in the log): left out of every other"
+        " grad_* statistic of the step. Absent when there are none.",
+        scope=TRAINING,
+        across_tensors="count",
+        across_ranks="per rank",
+    ),
     # ---- gradient noise scale (issue 6): needs GRADWATCH_MICRO_BATCH_SIZE ----
     Statistic(
         otel_name="grad.accumulation_micro_batches",

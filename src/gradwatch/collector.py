@@ -34,10 +34,12 @@ from .kernels.dispatch import Backend, select_backend
 
 log = logging.getLogger("gradwatch")
 
+_REDUCIBLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_STRIDED = torch.strided
 RING_SLOTS = 2  # results in flight per device before a new sample is dropped
 NONFINITE_NAMES = 5  # params named in grad_nonfinite_param_info and the incident log line
 INCIDENT_LOG_INTERVAL_S = 60.0  # at most one non-finite incident line per this many seconds
-PENDING_NORMS = 1 << 16  # per-step norms kept for the histogram between two scrapes
+PENDING_NORMS = 1 << 16  # per-step norms held between scrapes before they go to the histogram
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,13 @@ class OptimizerWatch:
         # optimizers this one wraps (their own steps are not reported: see stacks.wrapped)
         self.inner_optimizers: list[torch.optim.Optimizer] = []
         self.closure_pending = False  # step(closure) began; collect after the closure's first call
-        self._norms: deque[float] = deque(maxlen=PENDING_NORMS)  # finite per-step norms
+        self._unreduced_now = 0  # gradients of the last listing no kernel can read
+        self._unreduced_logged: set[int] = set()
+        self._norms: list[float] = []  # finite per-step norms since the last scrape
+        self._max_norm = math.nan  # their max (kept when a full list is handed over early)
+        # Receives the norms when PENDING_NORMS pile up between scrapes (the exporter's
+        # histogram): no finite step is ever dropped from it.
+        self.norm_sink: Callable[[str, Sequence[float]], None] | None = None
         self._was_nonfinite = False
         self._last_incident = -math.inf
         self._suppressed_incidents = 0
@@ -340,7 +348,7 @@ class OptimizerWatch:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        sums = [self._backend(d).partials(gs)[:, SUMSQ].sum() for d, gs in by_device.items()]
+        sums = [self._backend(d).reduce(gs)[:, SUMSQ].sum() for d, gs in by_device.items()]
         if len(sums) == 1:
             return sums[0]
         return torch.stack([x.to("cpu") for x in sums]).sum()  # several devices: rare, syncs
@@ -527,19 +535,41 @@ class OptimizerWatch:
         params: list[torch.nn.Parameter] = []
         grads: list[torch.Tensor] = []
         group_of: list[int] = []
+        unreduced = 0
         for gi, group in enumerate(self.optimizer_ref.param_groups):
             for p in group["params"]:
                 g = p.grad
                 if g is not None:
+                    if g.dtype not in _REDUCIBLE_DTYPES or g.layout is not _STRIDED or g.is_meta:
+                        unreduced += 1
+                        self._note_unreduced(p, g)
+                        continue
                     params.append(p)
                     grads.append(g)
                     group_of.append(gi)
+        self._unreduced_now = unreduced
         if grads and any(g.device != grads[0].device for g in grads):
             order = sorted(range(len(grads)), key=lambda i: str(grads[i].device))
             params = [params[i] for i in order]
             grads = [grads[i] for i in order]
             group_of = [group_of[i] for i in order]
         return params, grads, group_of
+
+    def _note_unreduced(self, p: torch.nn.Parameter, g: torch.Tensor) -> None:
+        """One log line per parameter whose gradient no kernel can read; the rest is reported."""
+        if id(p) in self._unreduced_logged:
+            return
+        self._unreduced_logged.add(id(p))
+        if self._names is None:
+            self._names = self._name_source()
+        kind = "sparse" if g.layout is not _STRIDED else "meta" if g.is_meta else str(g.dtype)
+        log.warning(
+            "gradwatch: optimizer %s: the %s gradient of %s cannot be reduced; it is left out of"
+            " the statistics and counted in grad_unreduced_tensors (training goes on)",
+            self.index,
+            kind,
+            self._names.get(id(p)) or f"a {tuple(p.shape)} parameter",
+        )
 
     def _context(self, clip: ClipRecord | None):
         """Per-step values of the loop: host floats, and device tensors to copy with the partials.
@@ -579,6 +609,8 @@ class OptimizerWatch:
             groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
         for i, group in enumerate(groups):
             put(f"lr:{i}", group.get("lr"))
+        if self._unreduced_now:
+            host["unreduced_tensors"] = float(self._unreduced_now)
         if self._step_noise is not None:
             k, small = self._step_noise
             if k:
@@ -603,7 +635,7 @@ class OptimizerWatch:
             backend = self._backend(device)
             self._launch_cuda(
                 device,
-                lambda: backend.partials(grads),
+                lambda: backend.reduce(grads),
                 layout,
                 numel,
                 context,
@@ -611,7 +643,7 @@ class OptimizerWatch:
                 view.owned,
             )
             return
-        parts = [self._backend(d).partials(gs).to("cpu") for d, gs in by_device.items()]
+        parts = [self._backend(d).reduce(gs).to("cpu") for d, gs in by_device.items()]
         local = torch.cat(parts) if len(parts) > 1 else parts[0]
         for key, t in device_values:  # this path already copies to the host synchronously
             context[key] = float(t)
@@ -712,7 +744,7 @@ class OptimizerWatch:
                     self.dropped_steps += 1
                     return
             # Main stream: the snapshots are freed after this launch, in stream order.
-            partials = self._backend(device).partials(tensors)
+            partials = self._backend(device).reduce(tensors)
             host = torch.empty(2 * t * N_PARTIALS, dtype=torch.float64, pin_memory=True)
             host.copy_(partials.reshape(-1), non_blocking=True)
             done = torch.cuda.Event()
@@ -723,7 +755,7 @@ class OptimizerWatch:
         parts = []
         for d in sorted(devices, key=str):
             idx = [i for i, x in enumerate(tensors) if x.device == d]
-            rows = self._backend(d).partials([tensors[i] for i in idx]).to("cpu").numpy()
+            rows = self._backend(d).reduce([tensors[i] for i in idx]).to("cpu").numpy()
             parts.append((idx, rows))
         out = np.empty((2 * t, N_PARTIALS), dtype=np.float64)
         for idx, rows in parts:
@@ -783,9 +815,10 @@ class OptimizerWatch:
         self.poll()
         with self._lock:
             norms: tuple[float, ...] = ()
+            max_norm = math.nan
             if drain:
-                norms = tuple(self._norms)
-                self._norms.clear()
+                norms, max_norm = tuple(self._norms), self._max_norm
+                self._norms, self._max_norm = [], math.nan
             return WatchSnapshot(
                 self.latest,
                 self.collected_steps,
@@ -794,7 +827,7 @@ class OptimizerWatch:
                 self.dropped_steps,
                 self.collect_seconds,
                 self.clipped_steps,
-                max(norms) if norms else math.nan,
+                max_norm,
                 norms,
                 self.latest_update,
                 self.last_nonfinite,
@@ -831,9 +864,23 @@ class OptimizerWatch:
                 self.nonfinite_steps += 1
                 self.last_nonfinite = readout
             else:
-                self._norms.append(readout.total_norm)
+                norm = readout.total_norm
+                self._norms.append(norm)
+                if not norm <= self._max_norm:  # also when the max is still NaN
+                    self._max_norm = norm
             if clipped:
                 self.clipped_steps += 1
+            full = self._norms if len(self._norms) >= PENDING_NORMS else None
+            if full is not None:
+                if self.norm_sink is not None:
+                    self._norms = []
+                else:  # no exporter to hand them to: stay bounded
+                    del self._norms[: len(full) - PENDING_NORMS]
+        if full is not None and self.norm_sink is not None:
+            try:
+                self.norm_sink(self.index, full)
+            except Exception as exc:  # noqa: BLE001
+                self.errors.record("export", exc)
         self._log_incident(readout)
 
     def _log_incident(self, readout: Readout) -> None:

@@ -52,6 +52,7 @@ _UPDATE_STATS = {
 
 # Training statistics read from a readout's context under this key.
 _CONTEXT_STATS = {
+    "grad_unreduced_tensors": "unreduced_tensors",
     "grad_accumulation_micro_batches": "micro_batches",
     "grad_noise_trace_sigma": "noise_trace_sigma",
     "grad_noise_true_grad_sq_norm": "noise_true_grad_sq_norm",
@@ -307,12 +308,17 @@ class Exporter:
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
             self._pinned = []
-        try:  # every step's norm since the previous scrape goes into the histogram
+        for index, snap in self._pinned:  # every step's norm since the last scrape
+            self.record_norms(index, snap.norms_since_last)
+
+    def record_norms(self, index: str, norms) -> None:
+        """Per-step norms of one optimizer into the histogram (at a scrape, or from the training
+        thread when many steps pass without one)."""
+        try:
             hist = self._histograms.get("grad_l2_norm_per_step")
-            for index, snap in self._pinned:
-                attrs = {"optimizer": index}
-                for v in snap.norms_since_last:
-                    hist.record(v, attrs)
+            attrs = {"optimizer": index}
+            for v in norms:
+                hist.record(v, attrs)
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
 

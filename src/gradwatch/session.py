@@ -145,6 +145,7 @@ class Session:
                 watch = OptimizerWatch(
                     optimizer, len(self._watches), self.config, self.errors, self._names
                 )
+                watch.norm_sink = self._record_norms
                 watch.inner_optimizers = stacks.inner_optimizers(optimizer)
                 self._inner.update(id(o) for o in watch.inner_optimizers)
                 self._watches[id(optimizer)] = watch
@@ -161,6 +162,11 @@ class Session:
                 outer.inner_optimizers.append(optimizer)
                 return True
         return False
+
+    def _record_norms(self, index: str, norms) -> None:
+        exporter = self.exporter
+        if exporter is not None:
+            exporter.record_norms(index, norms)
 
     def mark_inner(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Optimizers a stack steps itself: never reported on their own."""
@@ -179,6 +185,7 @@ class Session:
                 watch = deepspeed.ZeroWatch(
                     zero, len(self._watches), self.config, self.errors, self._names
                 )
+                watch.norm_sink = self._record_norms
                 self._watches[id(zero)] = watch
         try:
             self._start_endpoint()

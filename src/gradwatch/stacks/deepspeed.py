@@ -170,7 +170,7 @@ class ZeroWatch(OptimizerWatch):
                         continue
                     g = flat.grad.reshape(-1)
                     views = [g.narrow(0, s.start, s.length) for s in segs]
-                    self._rows.append((segs, self._backend(g.device).partials(views)))
+                    self._rows.append((segs, self._backend(g.device).reduce(views)))
         except Exception as exc:  # noqa: BLE001
             self._collecting = False
             self.errors.record("collect", exc)
