@@ -1,0 +1,306 @@
+"""Settings hardening: strict integers, bools refused as ints, one bound per setting for the
+environment and watch() alike, hosts parsed as addresses (IPv6 served), bad combinations and TLS
+material refused when the settings are read, in both paths, with one line naming the setting."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch import config as gwconfig
+from gradwatch.config import FIELDS, Config, SettingError, from_env, parse_host
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(gradwatch.__file__)))
+
+INT_VARS = ("GRADWATCH_PORT", "GRADWATCH_EVERY", "GRADWATCH_MAX_PARAMS", "LOCAL_RANK", "RANK")
+MALFORMED_INTS = ["--5", "+-3", "-+3", "++1", "1_0", "5-", "1 2", " 5\u3000", "\u200b5", "5\n5"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment without gradwatch/launcher variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADWATCH", "OTEL_"))}
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("GRADWATCH", "OTEL_")) or k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def _tiny_step():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- 4. integers: strict everywhere ----------------------------------------------------------
+@pytest.mark.parametrize("var", INT_VARS)
+@pytest.mark.parametrize("raw", MALFORMED_INTS)
+def test_malformed_integer_is_a_setting_error_naming_the_variable(var, raw):
+    with pytest.raises(SettingError) as info:  # was: a raw ValueError from int()
+        from_env({var: raw})
+    assert var in str(info.value) and "accepted:" in str(info.value)
+
+
+@pytest.mark.parametrize("raw,value", [(" +7 ", 7), ("\t7\n", 7), ("007", 7), ("-0", 0)])
+def test_integer_with_sign_and_ascii_whitespace_is_read(raw, value):
+    assert from_env({"RANK": raw}).rank == value
+
+
+@pytest.mark.parametrize("var", INT_VARS)
+def test_watch_with_malformed_integer_variable_is_one_line_and_training_goes_on(
+    var, clean_env, capsys
+):
+    clean_env.setenv(var, "--5")
+    model, opt = _tiny_step()
+    handle = gradwatch.watch(model, opt, port=0)  # was: ValueError out of watch()
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert not handle.enabled
+    line = _one_line(capsys.readouterr().err)
+    assert var in line and "'--5'" in line and "training goes on" in line
+
+
+_NO_CODE_SCRIPT = (
+    "import torch; m = torch.nn.Linear(2, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+    "for _ in range(3):\n"
+    "    o.zero_grad(); m(torch.ones(1, 2)).sum().backward(); o.step()\n"
+    "import sys; print('done', 'gradwatch.session' in sys.modules)\n"
+)
+
+
+@pytest.mark.parametrize("var", ["GRADWATCH_EVERY", "LOCAL_RANK"])
+def test_no_code_mode_malformed_integer_names_the_variable(var):
+    env = _env(GRADWATCH="1", GRADWATCH_PORT="0")
+    env[var] = "+-3"
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_CODE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    line = _one_line(out.stderr)  # was: "autostart failed (ValueError(...))", no variable
+    assert var in line and "'+-3'" in line and "accepted" in line
+    assert out.stdout.split() == ["done", "False"]
+
+
+# ---- 4. bools are not integers; one bound per setting -----------------------------------------
+@pytest.mark.parametrize("name", ["port", "every", "max_params", "max_groups", "update_every"])
+def test_bool_is_refused_where_an_integer_is_expected(name):
+    with pytest.raises(SettingError, match=name):
+        Config().with_overrides(**{name: True})
+
+
+def test_watch_port_true_does_not_listen_on_port_1(clean_env, capsys):
+    model, opt = _tiny_step()
+    handle = gradwatch.watch(model, opt, port=True)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert not handle.enabled and handle.port == 0
+    line = _one_line(capsys.readouterr().err)
+    assert "port=True" in line and "accepted: an integer from 0 to 65535" in line
+
+
+def _accepts_env(field_name: str, text: str) -> bool:
+    try:  # port 0: no PORT + LOCAL_RANK limit
+        from_env({"GRADWATCH_PORT": "0", FIELDS[field_name].var: text})
+        return True
+    except SettingError:
+        return False
+
+
+def _accepts_watch(field_name: str, value: object) -> bool:
+    try:
+        Config(port=0).with_overrides(**{field_name: value})
+        return True
+    except SettingError:
+        return False
+
+
+INT_FIELDS = {
+    "port": (0, 65535),
+    "every": (1, 10**9),
+    "max_params": (1, 10**6),
+    "max_groups": (2, 10**5),
+    "update_every": (0, 10**9),
+    "micro_batch_size": (1, 10**9),
+    "local_rank": (0, 10**7),
+    "rank": (0, 10**7),
+    "world_size": (1, 10**7 + 1),
+}
+
+
+@pytest.mark.parametrize("field_name", sorted(INT_FIELDS))
+def test_environment_and_watch_share_each_integer_bound(field_name):
+    lo, hi = INT_FIELDS[field_name]
+    for value in (lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, 10**12, -(10**12)):
+        env_ok, watch_ok = _accepts_env(field_name, str(value)), _accepts_watch(field_name, value)
+        assert env_ok == watch_ok == (lo <= value <= hi), (field_name, value)
+
+
+@pytest.mark.parametrize(
+    "field_name,good,bad",
+    [
+        ("vanishing_threshold", [0, 1e-7, 5], [-1e-9, float("inf"), float("nan")]),
+        ("exploding_threshold", [1e-9, 100, 1e30], [0, -3, float("inf")]),
+        ("noise_ema", [0, 0.5, 0.999], [1, 1.5, -0.1, float("nan")]),
+    ],
+)
+def test_environment_and_watch_share_each_number_bound(field_name, good, bad):
+    for value in good:
+        assert _accepts_env(field_name, repr(float(value))) and _accepts_watch(field_name, value)
+    for value in bad:
+        assert not _accepts_env(field_name, repr(float(value)))
+        assert not _accepts_watch(field_name, value), (field_name, value)
+    assert not _accepts_watch(field_name, True)
+
+
+def test_a_string_argument_is_read_like_its_variable():
+    cfg = Config().with_overrides(backend=" TORCH ", every="10", host="[::1]", per_param="on")
+    assert (cfg.backend, cfg.every, cfg.host, cfg.per_param) == ("torch", 10, "::1", True)
+    with pytest.raises(SettingError, match="'--5'"):
+        Config().with_overrides(every="--5")
+
+
+# ---- 4. hosts: addresses, the all-interfaces warning, IPv6 -----------------------------------
+@pytest.mark.parametrize("raw", ["0", "0x0", "0X0", "0.0.0.00", "127.1", "0177.0.0.1", "0x7f.1"])
+def test_ambiguous_numeric_host_is_refused(raw):
+    with pytest.raises(SettingError) as info:  # was: bound 0.0.0.0 with no warning
+        from_env({"GRADWATCH_HOST": raw})
+    assert "GRADWATCH_HOST" in str(info.value) and "ambiguous" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw,host",
+    [
+        ("0.0.0.0", "0.0.0.0"),
+        ("::", "::"),
+        ("0::0", "::"),
+        ("0:0:0:0:0:0:0:0", "::"),
+        ("[::1]", "::1"),
+        (" ::1 ", "::1"),
+        ("::ffff:127.0.0.1", "127.0.0.1"),
+        ("localhost", "localhost"),
+        ("node-7.cluster.local.", "node-7.cluster.local."),
+        ("1e100.net", "1e100.net"),
+    ],
+)
+def test_host_is_parsed_to_its_canonical_spelling(raw, host):
+    assert from_env({"GRADWATCH_HOST": raw}).host == host
+    assert Config().with_overrides(host=raw).host == host
+
+
+def test_every_spelling_of_all_interfaces_is_recognised():
+    for raw in ("0.0.0.0", "::", "0::0", "::0", "::ffff:0.0.0.0"):
+        assert gwconfig.binds_all_interfaces(parse_host("h", raw)), raw
+    for raw in ("127.0.0.1", "::1", "localhost", "10.1.2.3"):
+        assert not gwconfig.binds_all_interfaces(parse_host("h", raw)), raw
+
+
+def _require_ipv6() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        if IN_CI:
+            pytest.fail(f"IPv6 loopback unavailable: {exc}")
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+
+
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_ipv6_literal_is_served(host, clean_env, caplog):
+    _require_ipv6()
+    model, opt = _tiny_step()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        handle = gradwatch.watch(model, opt, port=0, host=host)
+        try:
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            assert handle.port  # was 0: AF_INET cannot bind an IPv6 address
+            assert handle.session.exporter.server.socket.family == socket.AF_INET6
+            url = f"http://[::1]:{handle.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                assert "grad_l2_norm" in r.read().decode()
+        finally:
+            handle.close()
+    warned = [r for r in caplog.records if "all interfaces" in r.getMessage()]
+    assert len(warned) == (1 if host == "::" else 0)
+
+
+# ---- long values are cut --------------------------------------------------------------------
+@pytest.mark.parametrize("var", ["GRADWATCH_EVERY", "GRADWATCH_HOST", "GRADWATCH_GROUPS"])
+def test_a_5kb_value_is_not_echoed(var, clean_env, capsys):
+    raw = {"GRADWATCH_EVERY": "9", "GRADWATCH_HOST": "h", "GRADWATCH_GROUPS": "a b="}[var] * 5000
+    raw = raw[:5000]
+    clean_env.setenv(var, raw)
+    handle = gradwatch.watch(*_tiny_step(), port=0)
+    assert not handle.enabled
+    line = _one_line(capsys.readouterr().err)
+    assert var in line and "(5000 characters)" in line and len(line) < 500
+
+
+# ---- 2. one validation path: bad combinations refused the same way in both ------------------
+@pytest.mark.parametrize("field_name", ["tls_client_ca", "tls_key"])
+def test_tls_key_or_client_ca_without_cert_is_refused_in_both_paths(field_name, tmp_path):
+    pem = tmp_path / "x.pem"
+    pem.write_text("not used\n")
+    with pytest.raises(SettingError) as from_environment:
+        from_env({FIELDS[field_name].var: str(pem)})  # was: accepted, plain HTTP served
+    with pytest.raises(SettingError) as from_watch:
+        Config().with_overrides(**{field_name: str(pem)})
+    assert str(from_environment.value) == str(from_watch.value)
+    msg = str(from_watch.value)
+    assert FIELDS[field_name].var in msg and "GRADWATCH_TLS_CERT" in msg and "plain HTTP" in msg
+
+
+def test_no_code_mode_client_ca_without_cert_serves_nothing(tmp_path):
+    from util import free_port
+
+    port = free_port()
+    ca = tmp_path / "ca.pem"
+    ca.write_text("unused\n")
+    script = _NO_CODE_SCRIPT + (
+        "import urllib.request\n"
+        "try:\n"
+        f"    urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=3); print('HTTP')\n"
+        "except OSError:\n"
+        "    print('none')\n"
+    )
+    env = _env(GRADWATCH="1", GRADWATCH_PORT=str(port), GRADWATCH_TLS_CLIENT_CA=str(ca))
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["done", "False", "none"]  # was: plain HTTP served
+    line = _one_line(out.stderr)
+    assert "GRADWATCH_TLS_CLIENT_CA" in line and "GRADWATCH_TLS_CERT" in line
+
+
+def test_port_plus_local_rank_checked_for_watch_arguments_too():
+    with pytest.raises(SettingError, match="GRADWATCH_PORT"):
+        gwconfig.read_env({"LOCAL_RANK": "1"}).with_overrides(port=65535)
