@@ -304,3 +304,155 @@ def test_no_code_mode_client_ca_without_cert_serves_nothing(tmp_path):
 def test_port_plus_local_rank_checked_for_watch_arguments_too():
     with pytest.raises(SettingError, match="GRADWATCH_PORT"):
         gwconfig.read_env({"LOCAL_RANK": "1"}).with_overrides(port=65535)
+
+
+# ---- 3. TLS material loaded and checked when the settings are read --------------------------
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from util import require_tool
+
+    require_tool("openssl")
+    d = tmp_path_factory.mktemp("pki-hardening")
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    new_key = ("req", "-newkey", "rsa:2048", "-nodes")
+    _openssl(*new_key, "-x509", "-days", "2", "-subj", "/CN=ca", "-keyout", "ca.key", "-out",
+             "ca.pem", cwd=d)  # fmt: skip
+    for name in ("server", "other"):
+        _openssl(*new_key, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", cwd=d)  # fmt: skip
+    sign = ("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-extfile", "san.cnf")  # fmt: skip
+    _openssl(*sign, "-days", "2", "-out", "server.pem", cwd=d)
+    _openssl(*sign, "-days", "-1", "-out", "expired.pem", cwd=d)  # notAfter before now
+    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
+             "encrypted.key", cwd=d)  # fmt: skip
+    _openssl("rsa", "-in", "server.key", "-aes256", "-traditional", "-passout", "pass:secret",
+             "-out", "encrypted-traditional.key", cwd=d)  # fmt: skip
+    (d / "combined.pem").write_bytes(
+        (d / "server.key").read_bytes() + (d / "server.pem").read_bytes()
+    )
+    (d / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    return d
+
+
+def test_good_tls_material_is_accepted(pki):
+    env = {
+        "GRADWATCH_TLS_CERT": str(pki / "server.pem"),
+        "GRADWATCH_TLS_KEY": str(pki / "server.key"),
+    }
+    assert from_env(env).tls_cert == str(pki / "server.pem")
+    assert from_env({**env, "GRADWATCH_TLS_CLIENT_CA": str(pki / "ca.pem")}).tls_client_ca
+    assert from_env({"GRADWATCH_TLS_CERT": str(pki / "combined.pem")}).tls_key == ""
+
+
+# case: (cert, key, client CA), the variable named (GRADWATCH_TLS_...), what the message says
+TLS_CASES = {
+    "missing cert": (("nope.pem", "server.key", None), "CERT", "No such file"),
+    "cert is a dir": ((".", "server.key", None), "CERT", "not a regular file"),
+    "missing key": (("server.pem", "nope.key", None), "KEY", "No such file"),
+    "no cert in it": (("server.key", "server.key", None), "CERT", "no PEM certificate"),
+    "garbage cert": (("garbage.pem", "server.key", None), "CERT", "no PEM certificate"),
+    "mismatched key": (("server.pem", "other.key", None), "KEY", "does not match"),
+    "not a key": (("server.pem", "ca.pem", None), "KEY", "no PEM private key"),
+    "no key at all": (("server.pem", None, None), "CERT", "GRADWATCH_TLS_KEY/tls_key is not set"),
+    "expired": (("expired.pem", "server.key", None), "CERT", "expired on"),
+    "encrypted key": (("server.pem", "encrypted.key", None), "KEY", "passphrase-protected"),
+    "encrypted, traditional": (
+        ("server.pem", "encrypted-traditional.key", None),
+        "KEY",
+        "passphrase-protected",
+    ),
+    "client CA not a cert": (
+        ("server.pem", "server.key", "server.key"),
+        "CLIENT_CA",
+        "no PEM CA certificate",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TLS_CASES))
+def test_bad_tls_material_is_one_clear_line_naming_the_variable(case, pki):
+    (cert, key, ca), var, problem = TLS_CASES[case]
+    var = "GRADWATCH_TLS_" + var
+    kw = {"tls_cert": cert, "tls_key": key, "tls_client_ca": ca}
+    kw = {k: str(pki / v) for k, v in kw.items() if v}
+    env = {FIELDS[k].var: v for k, v in kw.items()}
+    with pytest.raises(SettingError) as from_environment:  # was: accepted; failed at step 1
+        from_env(env)
+    with pytest.raises(SettingError) as from_watch:
+        gwconfig.read_env({}).with_overrides(**kw)
+    msg = str(from_environment.value)
+    assert var in msg and problem in msg and "accepted:" in msg and "\n" not in msg, msg
+    assert "PEM lib" not in msg and "_ssl.c" not in msg, msg
+    if case not in ("missing cert", "cert is a dir", "missing key"):  # per-value: own name
+        assert str(from_watch.value) == msg
+
+
+def test_watch_with_bad_tls_turns_telemetry_off_and_training_goes_on(pki, clean_env, capsys):
+    model, opt = _tiny_step()
+    handle = gradwatch.watch(
+        model, opt, port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "other.key")
+    )
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert not handle.enabled
+    line = _one_line(capsys.readouterr().err)
+    assert "GRADWATCH_TLS_KEY" in line and "does not match" in line and "training goes on" in line
+
+
+def _run_in_pty(argv: list[str], env: dict[str, str], timeout: float) -> tuple[str, int | None]:
+    """Run argv with a pseudo-terminal as its controlling terminal (stdin, stdout and stderr);
+    its output and exit code, or None when it had to be killed after ``timeout`` seconds."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    out, deadline, code, eof = b"", time.monotonic() + timeout, None, False
+    try:
+        while time.monotonic() < deadline:
+            if not eof and select.select([fd], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: every copy of the terminal is closed
+                    chunk = b""
+                out += chunk
+                eof = not chunk
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                break
+            if eof:
+                time.sleep(0.05)
+    finally:
+        if code is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace"), code
+
+
+def test_encrypted_key_under_a_terminal_never_prompts(pki):
+    """With a terminal attached OpenSSL asks it for the passphrase: training blocked at step 1."""
+    env = _env(
+        GRADWATCH="1",
+        GRADWATCH_PORT="0",
+        GRADWATCH_TLS_CERT=str(pki / "server.pem"),
+        GRADWATCH_TLS_KEY=str(pki / "encrypted.key"),
+    )
+    text, code = _run_in_pty([sys.executable, "-c", _NO_CODE_SCRIPT], env, timeout=90)
+    assert code == 0, f"exit {code} (None: hung, e.g. at a passphrase prompt): {text}"
+    assert "pass phrase" not in text.lower(), text
+    assert "done False" in text, text  # the training loop ran to its end, telemetry off
+    line = _one_line("\n".join(ln for ln in text.splitlines() if "gradwatch" in ln))
+    assert "GRADWATCH_TLS_KEY" in line and "passphrase-protected" in line
