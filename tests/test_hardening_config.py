@@ -456,3 +456,143 @@ def test_encrypted_key_under_a_terminal_never_prompts(pki):
     assert "done False" in text, text  # the training loop ran to its end, telemetry off
     line = _one_line("\n".join(ln for ln in text.splitlines() if "gradwatch" in ln))
     assert "GRADWATCH_TLS_KEY" in line and "passphrase-protected" in line
+
+
+# ---- 1. the native kernel is built and loaded only where no other local user can write -------
+_PLANTED_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("the planted library ran\n", f); fclose(f); }
+}
+int gw_abi_version(void) { return 1; }
+int gw_partials(long long n, void *p, void *c, void *d, void *o, int t, long long m) { return -1; }
+"""
+
+_KERNEL_SCRIPT = r"""
+import json, math, urllib.request
+import torch, gradwatch
+from gradwatch.kernels import cpu_native
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+handle = gradwatch.watch(model, opt, port=0)
+model(torch.randn(2, 4)).pow(2).sum().backward()
+norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+opt.step()
+with urllib.request.urlopen(f"http://127.0.0.1:{handle.port}/metrics", timeout=10) as r:
+    lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("grad_l2_norm{")]
+print(json.dumps({
+    "backends": sorted(handle.session.backend_names()),
+    "lib": str(cpu_native._lib_path),
+    "scraped": float(lines[0].rsplit(" ", 1)[1]) if lines else None,
+    "norm": norm,
+}))
+handle.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory) -> str:
+    """File name the real build gives the library (its key: source, compiler, flags, CPU)."""
+    from gradwatch.kernels import cpu_native
+
+    d = tmp_path_factory.mktemp("genuine-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADWATCH_CACHE_DIR", str(d))
+        cpu_native._reset_state()
+        try:
+            if not cpu_native.native_available():
+                msg = f"native CPU kernel unavailable: {cpu_native._failure}"
+                if IN_CI:
+                    pytest.fail(msg)
+                pytest.skip(msg)
+            return cpu_native._lib_path.name
+        finally:
+            cpu_native._reset_state()
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:  # os.chown to another uid needs root (CI runs as root)
+        if IN_CI:
+            pytest.fail("this test plants files owned by another uid: run as root")
+        pytest.skip("needs root to chown files to another uid")
+
+
+def _plant(tmp_path, dest_dir, name: str) -> tuple:
+    """A library with the kernel's name and symbols whose constructor writes a marker file."""
+    from gradwatch.kernels import cpu_native
+
+    marker = tmp_path / "planted-library-ran"
+    src = tmp_path / "planted.c"
+    src.write_text(_PLANTED_C)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    lib = dest_dir / name
+    cc = cpu_native._compiler()
+    cmd = [*cc, "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    lib.chmod(0o755)
+    return lib, marker
+
+
+def _run_kernel_script(cache_dir, tmpdir) -> tuple[dict, str]:
+    import json
+
+    env = _env(GRADWATCH_CACHE_DIR=str(cache_dir), TMPDIR=str(tmpdir))
+    cmd = [sys.executable, "-c", _KERNEL_SCRIPT]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout), out.stderr
+
+
+ATTACKS = ["world-writable dir", "dir of another uid", "file of another uid", "group-writable file"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_planted_kernel_in_the_tmp_fallback_is_never_loaded(attack, tmp_path, kernel_name):
+    """~/.cache not creatable: the fallback /tmp/gradwatch-<uid> was prepared by someone else."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)  # like /tmp: everyone may create entries (sticky)
+    fallback = tmpdir / f"gradwatch-{os.getuid()}"
+    lib, marker = _plant(tmp_path, fallback, kernel_name)
+    fallback.chmod(0o700)
+    if attack == "world-writable dir":
+        fallback.chmod(0o777)
+    elif attack == "dir of another uid":
+        _require_root()
+        fallback.chmod(0o755)
+        os.chown(lib, 65534, 65534)
+        os.chown(fallback, 65534, 65534)
+    elif attack == "file of another uid":
+        _require_root()
+        os.chown(lib, 65534, 65534)
+    else:
+        lib.chmod(0o775)
+    got, err = _run_kernel_script(blocker / "cache", tmpdir)
+    assert not marker.exists(), "the planted library was loaded"
+    assert got["backends"] == ["torch"], got  # statistics through the torch fallback ...
+    assert got["scraped"] == pytest.approx(got["norm"], rel=1e-12)  # ... and still right
+    line = _one_line(err)
+    assert "native CPU kernel unavailable" in line and "refused" in line and str(fallback) in line
+
+
+def test_unsafe_cache_dir_is_refused_and_the_next_one_used(tmp_path, kernel_name):
+    cache = tmp_path / "shared-cache"
+    lib, marker = _plant(tmp_path, cache, kernel_name)
+    cache.chmod(0o777)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    got, err = _run_kernel_script(cache, tmpdir)
+    assert not marker.exists(), "the planted library was loaded"
+    assert got["backends"] == ["native"]  # built afresh in the private fallback
+    assert got["lib"] == str(tmpdir / f"gradwatch-{os.getuid()}" / kernel_name)
+    assert got["scraped"] == pytest.approx(got["norm"], rel=1e-12)
+    line = _one_line(err)
+    assert "refused" in line and str(cache) in line and "mode 777" in line
+    built = tmpdir / f"gradwatch-{os.getuid()}" / kernel_name
+    st = built.stat()
+    assert st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    assert not (tmpdir / f"gradwatch-{os.getuid()}").stat().st_mode & 0o077  # created 0700
