@@ -328,6 +328,15 @@ def pki(tmp_path_factory):
             "-CAcreateserial", "-extfile", "san.cnf")  # fmt: skip
     _openssl(*sign, "-days", "2", "-out", "server.pem", cwd=d)
     _openssl(*sign, "-days", "-1", "-out", "expired.pem", cwd=d)  # notAfter before now
+    (d / "ca.cnf").write_text(  # `openssl ca`: the one way to a start date in the future
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n"
+        "default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+    )
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    _openssl("ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile",
+             "ca.key", "-in", "server.csr", "-startdate", "20990101000000Z", "-enddate",
+             "20990201000000Z", "-out", "future.pem", cwd=d)  # fmt: skip
     _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
              "encrypted.key", cwd=d)  # fmt: skip
     _openssl("rsa", "-in", "server.key", "-aes256", "-traditional", "-passout", "pass:secret",
@@ -360,6 +369,7 @@ TLS_CASES = {
     "not a key": (("server.pem", "ca.pem", None), "KEY", "no PEM private key"),
     "no key at all": (("server.pem", None, None), "CERT", "GRADWATCH_TLS_KEY/tls_key is not set"),
     "expired": (("expired.pem", "server.key", None), "CERT", "expired on"),
+    "not yet valid": (("future.pem", "server.key", None), "CERT", "not valid before Jan  1"),
     "encrypted key": (("server.pem", "encrypted.key", None), "KEY", "passphrase-protected"),
     "encrypted, traditional": (
         ("server.pem", "encrypted-traditional.key", None),

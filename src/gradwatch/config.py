@@ -90,13 +90,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_HOST",
         "127.0.0.1",
-        "an IP address or host name",
-        "Interface `/metrics` binds to. `0.0.0.0` exposes it to the network (a warning is logged).",
+        "an IPv4 or IPv6 address, or a host name",
+        "Interface `/metrics` binds to. `0.0.0.0` or `::` exposes it to the network (a warning is"
+        " logged); an IPv6 address (`::1`) is served over IPv6. Numeric spellings that are not a"
+        " plain address (`0`, `0x0`, `127.1`, `0.0.0.00`) are refused: the system reads `0` as"
+        " 0.0.0.0.",
     ),
     Setting(
         "GRADWATCH_EVERY",
         "1",
-        "integer >= 1",
+        "integer from 1 to 10^9",
         "Collect every N-th optimizer step (steps 1, N+1, 2N+1, ...).",
     ),
     Setting(
@@ -115,13 +118,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_MAX_PARAMS",
         "500",
-        "integer >= 1",
+        "integer from 1 to 10^6",
         "Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
     ),
     Setting(
         "GRADWATCH_MAX_GROUPS",
         "100",
-        "integer >= 2",
+        "integer from 2 to 10^5",
         "Cap on `grad_group_*` groups; groups past it are merged into group `_overflow`, with a"
         " warning.",
     ),
@@ -140,7 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_UPDATE_EVERY",
         "0",
-        "integer >= 0 (0: off)",
+        "integer from 0 to 10^9 (0: off)",
         "Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
         " `update_*` and `param_*` statistics. Opt-in because it costs one fp32 copy of the"
         " parameters with gradients, held from the step's pre-hook to its post-hook (28 GB for"
@@ -149,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_MICRO_BATCH_SIZE",
         "unset (off)",
-        "integer >= 1",
+        "integer from 1 to 10^9",
         "Samples per micro-batch under gradient accumulation: turns on the gradient noise scale"
         " (`grad_noise_*`). gradwatch counts the backward passes between two optimizer steps"
         " (k) and reads the first one's gradient (B_small = this size) against the step's"
@@ -184,20 +187,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_TLS_CERT",
         "unset",
-        "path of a readable PEM certificate (chain) file",
-        "Serve `/metrics` over HTTPS with this certificate.",
+        "path of a readable PEM certificate (chain) file, valid now",
+        "Serve `/metrics` over HTTPS with this certificate. Certificate, key and client CA are"
+        " loaded when the settings are read: a missing or unreadable file, an expired or not yet"
+        " valid certificate, a key that does not match it or is passphrase-protected (never"
+        " prompted for) is one line naming the variable, and telemetry is off.",
     ),
     Setting(
         "GRADWATCH_TLS_KEY",
         "unset (key inside the cert file)",
-        "path of a readable PEM private key file",
-        "Private key of the certificate.",
+        "path of a readable, unencrypted PEM private key file",
+        "Private key of the certificate; only with GRADWATCH_TLS_CERT.",
     ),
     Setting(
         "GRADWATCH_TLS_CLIENT_CA",
         "unset",
         "path of a readable PEM CA file",
-        "Mutual TLS: only clients with a certificate signed by this CA may scrape.",
+        "Mutual TLS: only clients with a certificate signed by this CA may scrape; only with"
+        " GRADWATCH_TLS_CERT (without it the setting is refused, never served as plain HTTP).",
     ),
     Setting(
         "GRADWATCH_DISTRIBUTED",
@@ -585,7 +592,7 @@ def _check_bool(name: str, value: object) -> bool:
         return value
     if isinstance(value, numbers.Integral) and int(value) in (0, 1):
         return bool(value)
-    raise SettingError(name, value, "True or False (or " + ", ".join(TRUE_WORDS) + " / ...)")
+    raise SettingError(name, value, "True or False")
 
 
 def _choice_field(choices: tuple[str, ...]) -> Parser:
