@@ -606,3 +606,41 @@ def test_unsafe_cache_dir_is_refused_and_the_next_one_used(tmp_path, kernel_name
     st = built.stat()
     assert st.st_uid == os.geteuid() and not st.st_mode & 0o022
     assert not (tmpdir / f"gradwatch-{os.getuid()}").stat().st_mode & 0o077  # created 0700
+
+
+def test_host_name_resolving_to_all_interfaces_warns(monkeypatch):
+    def fake_getaddrinfo(host, *args, **kwargs):
+        assert host == "everywhere.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("0.0.0.0", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    assert gwconfig.binds_all_interfaces("everywhere.example")
+
+
+def test_path_objects_are_read_like_text(pki):
+    cfg = Config().with_overrides(tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    assert cfg.tls_cert == str(pki / "server.pem") and cfg.tls_key == str(pki / "server.key")
+
+
+def test_tls_material_broken_after_the_check_is_one_log_line_at_the_endpoint(
+    pki, tmp_path, clean_env, caplog
+):
+    """The endpoint loads the material again at the first step, through the same loader: a key
+    replaced in between is one log line (an OSError, like a port taken), statistics go on."""
+    key = tmp_path / "server.key"
+    key.write_bytes((pki / "server.key").read_bytes())
+    model, opt = _tiny_step()
+    handle = gradwatch.watch(model, opt, port=0, tls_cert=str(pki / "server.pem"), tls_key=key)
+    key.write_bytes((pki / "other.key").read_bytes())
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradwatch"):
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.ones(1, 2)).sum().backward()
+                opt.step()
+        assert handle.enabled and handle.port == 0
+        assert handle.session.watches()[0].collected_steps == 3
+        lines = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+        assert len(lines) == 1 and "GRADWATCH_TLS_KEY" in lines[0] and "does not match" in lines[0]
+    finally:
+        handle.close()
