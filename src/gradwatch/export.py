@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import __version__, catalog
 from .catalog import Statistic, Thresholds
-from .config import Config
+from .config import Config, binds_all_interfaces, server_class, tls_context
 
 log = logging.getLogger("gradwatch")
 
@@ -441,7 +441,7 @@ class Exporter:
             return
         host = self.config.host
         port = self.config.serve_port if port is None else port
-        if host in ("0.0.0.0", "::", ""):
+        if binds_all_interfaces(host):
             log.warning(
                 "gradwatch: /metrics listens on all interfaces (%s:%d); anyone who can"
                 " reach this host can read it",
@@ -453,7 +453,7 @@ class Exporter:
             lambda exc: self.session.errors.record("server", exc),
             self.budget,
         )
-        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        server = make_server(host, port, app, server_class(_Server, host), _QuietHandler)
         scheme = "http"
         if self.config.tls_cert:
             try:
@@ -473,13 +473,7 @@ class Exporter:
 
     def _tls_context(self) -> ssl.SSLContext:
         """TLS for /metrics; with a client CA, mutual TLS (clients must present a cert)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
-        if self.config.tls_client_ca:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=self.config.tls_client_ca)
-        return ctx
+        return tls_context(self.config)  # the settings check's loader: never a passphrase prompt
 
     def _serve(self) -> None:
         server = self.server

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed, imports, stacks
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
-from .config import Config, SettingError, from_env
+from .config import Config, SettingError, from_env, read_env
 from .stacks import deepspeed
 
 log = logging.getLogger("gradwatch")
@@ -564,13 +564,17 @@ def _as_list(obj) -> list:
 def _watch(model, optimizer, **settings) -> Handle:
     global _SESSION
     try:
-        env_config = from_env()
-        config = env_config.with_overrides(**settings)
+        # One path for both sources: each argument is parsed like its variable, then the merged
+        # settings are checked once (combinations, TLS material) exactly as from_env() does.
+        config = read_env().with_overrides(**settings)
     except SettingError as exc:
         _report_setting_error(exc)
         return Handle(None)
-    except TypeError as exc:
+    except TypeError as exc:  # an unknown keyword argument: a bug in the caller's code
         raise TypeError(f"gradwatch.watch(): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - never raise into training
+        print(f"gradwatch: cannot read settings ({exc!r}); telemetry is off", file=sys.stderr)
+        return Handle(None)
     if config.enabled is False:
         log.info("gradwatch: GRADWATCH=0, telemetry is off")
         return Handle(None)
