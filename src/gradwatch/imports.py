@@ -54,8 +54,13 @@ class _NotifyingLoader(importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         module.__spec__.loader = self._inner  # leave no trace on the module's spec
         self._inner.exec_module(module)
-        for callback in self._callbacks:
-            callback(module)
+        callbacks = self._callbacks
+        while callbacks:
+            for callback in callbacks:
+                callback(module)
+            # callbacks may ask for this module again (it still reads as initializing here)
+            with _lock:
+                callbacks = _pending.pop(module.__name__, [])
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import distributed, imports, stacks
+from . import distributed, hooks, imports, stacks
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
 from .config import Config, SettingError, from_env, read_env
 from .stacks import deepspeed
@@ -64,6 +64,7 @@ class Session:
         config: Config,
         models: Sequence[torch.nn.Module] = (),
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        global_hooks: bool = True,
     ) -> None:
         self.config = config
         self.errors = ErrorLog()
@@ -73,22 +74,20 @@ class Session:
         self._inner: set[int] = set()  # ids of optimizers stepped by a watched outer one
         self._lock = threading.RLock()
         self._pid = os.getpid()
-        self._hooks: list = []
+        self._hooks = hooks.HookSet()
         self.exporter = None
         self._exporter_failed = False
         self.closed = False
-        # Eager even under torch.compile(opt.step): the hook adds no graph breaks.
-        self._hook = torch.compiler.disable(self._pre_step_hook)
-        self._post_hook = torch.compiler.disable(self._post_step_hook)
         self._clips: list[ClipRecord] = []  # clip_grad_norm_ calls not yet matched to a step
         if optimizers is None:
-            from torch.optim.optimizer import (
-                register_optimizer_step_post_hook,
-                register_optimizer_step_pre_hook,
-            )
+            if global_hooks:  # else no-code mode's dispatchers forward to this session
+                from torch.optim.optimizer import (
+                    register_optimizer_step_post_hook,
+                    register_optimizer_step_pre_hook,
+                )
 
-            self._hooks.append(register_optimizer_step_pre_hook(self._hook))
-            self._hooks.append(register_optimizer_step_post_hook(self._post_hook))
+                self._hooks.add(register_optimizer_step_pre_hook, self._pre_step_hook)
+                self._hooks.add(register_optimizer_step_post_hook, self._post_step_hook)
         else:
             self._explicit = set()
             for opt in optimizers:
@@ -113,10 +112,10 @@ class Session:
                 inner = deepspeed.inner_optimizers(optimizer)
                 self._inner.update(id(o) for o in inner)
                 for opt in inner:
-                    self._hooks.append(opt.register_step_pre_hook(self._hook))
+                    self._hooks.add(opt.register_step_pre_hook, self._pre_step_hook)
                 return
-            self._hooks.append(optimizer.register_step_pre_hook(self._hook))
-            self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
+            self._hooks.add(optimizer.register_step_pre_hook, self._pre_step_hook)
+            self._hooks.add(optimizer.register_step_post_hook, self._post_step_hook)
 
     def watches(self) -> list[OptimizerWatch]:
         with self._lock:
@@ -487,9 +486,7 @@ class Session:
             if self.closed:
                 return
             self.closed = True
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._hooks.remove_all()
         self._unpatch_grad_scaler()
         self._unpatch_clip_grad_norm()
         imports.cancel(self._patch_zero)
@@ -579,6 +576,10 @@ def _watch(model, optimizer, **settings) -> Handle:
         log.info("gradwatch: GRADWATCH=0, telemetry is off")
         return Handle(None)
     models, optimizers = _as_list(model), _as_list(optimizer)
+    from . import activation
+
+    if activation.armed() and (_SESSION is None or _SESSION.closed):
+        _SESSION = _no_code_session()  # GRADWATCH=1 and watch(): one session, every optimizer
     if _SESSION is not None and not _SESSION.closed:
         if settings and _SESSION.config != config:
             log.warning("gradwatch: already watching with other settings; keeping the first")
@@ -590,8 +591,22 @@ def _watch(model, optimizer, **settings) -> Handle:
     return Handle(_SESSION)
 
 
-def start_from_env() -> Session | None:
-    """No-code mode (GRADWATCH=1): watch every optimizer of this process."""
+def _no_code_session() -> Session | None:
+    from . import activation
+
+    activation._disarm_triggers()
+    activation._started = True
+    try:
+        config = from_env()
+    except SettingError as exc:
+        _report_setting_error(exc)
+        return None
+    return Session(config, global_hooks=False) if config.enabled else None
+
+
+def start_from_env(global_hooks: bool = True) -> Session | None:
+    """No-code mode (GRADWATCH=1): watch every optimizer of this process. ``global_hooks``
+    False: the armed dispatchers of :mod:`gradwatch.activation` forward to the session."""
     global _SESSION
     with _module_lock:
         try:
@@ -601,5 +616,5 @@ def start_from_env() -> Session | None:
             return None
         if not config.enabled or (_SESSION is not None and not _SESSION.closed):
             return _SESSION
-        _SESSION = Session(config)
+        _SESSION = Session(config, global_hooks=global_hooks)
         return _SESSION
