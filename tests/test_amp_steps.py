@@ -12,7 +12,7 @@ from torch import nn
 
 import gradwatch
 from reference import reference_stats
-from util import fetch, parse, value
+from util import fetch, help_texts, parse, value
 
 
 def _model(seed=0):
@@ -138,3 +138,48 @@ def test_split_clip_with_another_norm_type_is_not_taken_for_l2():
         assert value(samples, "grad_l2_norm") is not None
     finally:
         h.close()
+
+
+def test_nonfinite_preclip_norm_is_counted_not_shown_as_a_calm_coefficient():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    h = gradwatch.watch(model, opt, port=0, backend="torch")
+    try:
+        for big in (False, True, False):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            if big:  # squares overflow float32: clip_grad_norm_ returns inf and zeroes the grads
+                for p in model.parameters():
+                    p.grad.fill_(1e30)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            samples = parse(fetch(h.port))
+            if big:
+                assert math.isinf(float(norm))
+                assert value(samples, "grad_preclip_l2_norm") is None
+                assert value(samples, "grad_clip_coefficient_ratio") is None  # not a calm 0
+                assert value(samples, "grad_l2_norm") == 0.0  # what the clip left, exactly
+        assert value(samples, "grad_preclip_nonfinite_steps_total") == 1
+        assert value(samples, "grad_clipped_steps_total") == 2  # the finite steps (both clip)
+        assert value(samples, "grad_preclip_l2_norm") == float(norm)  # finite again
+    finally:
+        h.close()
+
+
+def test_bf16_clip_reads_the_rounded_norm_and_help_says_so():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    h = gradwatch.watch(model, opt, port=0)
+    try:
+        model(torch.randn(8, 64, dtype=torch.bfloat16)).pow(2).sum().mul(100).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grads = [p.grad for p in model.parameters()]
+        opt.step()
+        text = fetch(h.port)
+    finally:
+        h.close()
+    got = value(parse(text), "grad_l2_norm")
+    assert got == pytest.approx(reference_stats(grads)["grad_l2_norm"], rel=1e-12)  # exact
+    assert got != 1.0 and abs(got - 1.0) < 2**-6  # bf16 rounding of the scaled gradients
+    assert "bf16 gradients clipped to 1.0 can read" in help_texts(text)["grad_l2_norm"]

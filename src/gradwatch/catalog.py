@@ -157,7 +157,8 @@ CATALOG: tuple[Statistic, ...] = (
         GLOBAL,
         f"Total L2 norm of the gradients: {_L2}; the total norm torch.nn.utils.clip_grad_norm_"
         " computes, taken at the optimizer step, i.e. after any clipping the loop did"
-        " (then min(pre-clip norm, max_norm)).",
+        " (then min(pre-clip norm, max_norm) up to the rounding of the scaled gradients to"
+        " their dtype: bf16 gradients clipped to 1.0 can read 1.002, exactly their norm).",
         lambda a: math.sqrt(a.sumsq.sum()),
     ),
     _magnitude(
@@ -475,10 +476,24 @@ CATALOG: tuple[Statistic, ...] = (
         unit="1",
         formula="Clipping coefficient the clip applied in the collected step:"
         " min(1, max_norm / (grad_preclip_l2_norm + 1e-6)), evaluated in float64; 1 means not"
-        " clipped. Absent in steps the loop did not clip.",
+        " clipped. Absent in steps the loop did not clip and in steps whose pre-clip norm was"
+        " NaN/Inf (see grad_preclip_nonfinite_steps_total).",
         scope=TRAINING,
         across_tensors="-",
         across_ranks="as clip_grad_norm_ computed it on the rank",
+    ),
+    Statistic(
+        otel_name="grad.preclip_nonfinite_steps",
+        prom_name="grad_preclip_nonfinite_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Collected steps whose pre-clip norm (what the clip returned or was given) was"
+        " NaN or +/-Inf: the clip then scaled the gradients by 0 or NaN, so the post-clip"
+        " grad_* values of those steps describe the clip's output, not the gradients; the"
+        " step has no grad_preclip_l2_norm and no grad_clip_coefficient_ratio.",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
     ),
     Statistic(
         otel_name="grad.clipped_steps",

@@ -87,8 +87,8 @@ class Readout:
     @functools.cached_property
     def clip_coefficient(self) -> float:
         norm, max_norm = self.context.get("preclip_norm"), self.context.get("clip_max_norm")
-        if norm is None or max_norm is None or math.isnan(norm):
-            return math.nan
+        if norm is None or max_norm is None or not math.isfinite(norm):
+            return math.nan  # a NaN/Inf pre-clip norm: counted, never shown as a coefficient
         return min(1.0, max_norm / (norm + 1e-6))  # as clip_grad_norm_ computes it
 
     @functools.cached_property
@@ -153,6 +153,7 @@ class WatchSnapshot:
     dropped_steps: int
     collect_seconds: float
     clipped_steps: int = 0
+    preclip_nonfinite_steps: int = 0
     max_norm_since_last: float = math.nan
     norms_since_last: tuple[float, ...] = ()
     update: UpdateReadout | None = None
@@ -255,6 +256,7 @@ class OptimizerWatch:
         self.amp_skipped_steps = 0
         self.dropped_steps = 0
         self.clipped_steps = 0
+        self.preclip_nonfinite_steps = 0
         self.collect_seconds = math.nan
         self.latest: Readout | None = None
         self.last_nonfinite: Readout | None = None
@@ -827,6 +829,7 @@ class OptimizerWatch:
                 self.dropped_steps,
                 self.collect_seconds,
                 self.clipped_steps,
+                self.preclip_nonfinite_steps,
                 max_norm,
                 norms,
                 self.latest_update,
@@ -853,6 +856,8 @@ class OptimizerWatch:
             partials[:, MAXABS] /= scale
         readout = Readout(step, layout, partials, numel, context, local)
         clipped = readout.clip_coefficient < 1.0
+        preclip = context.get("preclip_norm")
+        preclip_nonfinite = preclip is not None and not math.isfinite(preclip)
         try:
             self._noise_update(readout)
         except Exception as exc:  # noqa: BLE001
@@ -870,6 +875,8 @@ class OptimizerWatch:
                     self._max_norm = norm
             if clipped:
                 self.clipped_steps += 1
+            if preclip_nonfinite:
+                self.preclip_nonfinite_steps += 1
             full = self._norms if len(self._norms) >= PENDING_NORMS else None
             if full is not None:
                 if self.norm_sink is not None:

@@ -357,6 +357,8 @@ class Exporter:
                 v = snap.amp_skipped_steps
             elif name == "grad_clipped_steps_total":
                 v = snap.clipped_steps
+            elif name == "grad_preclip_nonfinite_steps_total":
+                v = snap.preclip_nonfinite_steps
             elif name == "grad_l2_norm_max_since_last_scrape":
                 v = snap.max_norm_since_last
             elif name in _UPDATE_STATS or name == "update_stats_step":
