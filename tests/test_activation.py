@@ -248,3 +248,40 @@ def test_armed_no_code_mode_costs_nothing_until_the_first_step():
     assert got["after"]["session"] and got["after"]["otel"] and got["port"] > 0
     # (dynamo is loaded "after": torch.optim.Optimizer.__init__ imports it itself)
     assert len(got["pre"]) == 1, got  # the clip called before the session existed
+
+
+def test_first_run_lines_start_end_and_no_step_warning():
+    """One line with the real URL when /metrics starts, one at exit; a process that imports
+    torch and never steps gets one warning (a DataLoader worker would not: it is a child)."""
+    out = subprocess.run(
+        [sys.executable, SCRIPT],
+        env=_env(GRADWATCH="1", GRADWATCH_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("gradwatch")]
+    assert len(lines) == 2, lines
+    start = re.fullmatch(
+        r"gradwatch: watching every optimizer \(no-code mode\); statistics on"
+        r" http://127\.0\.0\.1:(\d+)/metrics",
+        lines[0],
+    )
+    assert start and int(start.group(1)) > 0, lines[0]  # the real port, not 0
+    assert lines[1].startswith(f"gradwatch: stopped http://127.0.0.1:{start.group(1)}/metrics")
+    assert "4 optimizer steps, 4 collected" in lines[1]
+    idle = (
+        "import gradwatch.activation as a; a.NO_STEP_WARNING_S = 0.5\n"
+        "import time, torch\ntime.sleep(2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", idle],
+        env=_env(GRADWATCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    warned = [ln for ln in out.stderr.splitlines() if "no optimizer has stepped" in ln]
+    assert len(warned) == 1, out.stderr

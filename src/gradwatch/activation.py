@@ -10,6 +10,7 @@ step pre-hook. The endpoint starts at the first optimizer step (see :mod:`gradwa
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 from .config import FALSE_WORDS, SettingError, from_env
@@ -95,6 +96,27 @@ def arm() -> None:
     _trigger(torch.amp.GradScaler, "step", torch.amp.GradScaler.step, torch.amp.GradScaler)
     for module_name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
         after_import(module_name, lambda _m: session())
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:  # not in DataLoader or other worker processes
+        timer = threading.Timer(NO_STEP_WARNING_S, _warn_if_no_step)
+        timer.daemon = True
+        timer.start()
+
+
+NO_STEP_WARNING_S = 300.0  # one line if no optimizer has stepped this long after torch import
+
+
+def _warn_if_no_step() -> None:
+    if _started:
+        return
+    print(
+        f"gradwatch: GRADWATCH=1 but no optimizer has stepped in {NO_STEP_WARNING_S:.0f} s, so"
+        " /metrics is not up yet; if this process trains, its optimizer is not a torch.optim"
+        " Optimizer that gradwatch hooks (README, Training stacks)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _trigger(owner, name: str, original, lookup) -> None:

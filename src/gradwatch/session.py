@@ -421,6 +421,35 @@ class Session:
                 )
             self.exporter = exporter
             self._discovery(exporter.port)
+            if exporter.port:
+                self._say(f"watching {self._what()}; statistics on {self.url}")
+
+    @property
+    def url(self) -> str:
+        """Address of /metrics once the endpoint is up ('' before)."""
+        if self.exporter is None or not self.exporter.port:
+            return ""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # reachable from this host
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.exporter.port}/metrics"
+
+    def _what(self) -> str:
+        if self._explicit is None:
+            return "every optimizer (no-code mode)"
+        n = len(self._explicit)
+        return f"{n} optimizer{'s' if n != 1 else ''}"
+
+    def _say(self, text: str) -> None:
+        """One line on stderr for the person running the training (start and end)."""
+        cfg = self.config
+        where = f" [rank {cfg.rank}/{cfg.world_size}]" if cfg.world_size > 1 else ""
+        try:
+            print(f"gradwatch{where}: {text}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a closed stderr never stops training
+            pass
 
     def _discovery(self, port: int) -> None:
         """GRADWATCH_FILE_SD: every rank takes part in the gather (even without an endpoint, so
@@ -475,6 +504,19 @@ class Session:
         if getattr(scaler_cls.step, "_gradwatch_session", None) is self:
             scaler_cls.step = self._scaler_original
 
+    def _summary(self, url: str) -> str:
+        watches = self.watches()
+        steps = sum(w.steps for w in watches)
+        collected = sum(w.collected_steps for w in watches)
+        skipped = sum(w.amp_skipped_steps for w in watches)
+        errors = sum(self.errors.counts.values())
+        parts = [f"{steps} optimizer steps", f"{collected} collected"]
+        if skipped:
+            parts.append(f"{skipped} skipped by the loss scaler")
+        if errors:
+            parts.append(f"{errors} internal errors (gradwatch_errors_total)")
+        return f"stopped {url} after " + ", ".join(parts)
+
     # ---- lifecycle ----
     @property
     def port(self) -> int:
@@ -504,7 +546,10 @@ class Session:
                 except Exception as exc:  # noqa: BLE001
                     self.errors.record("readout", exc)
             if self.exporter is not None:
+                url = self.url
                 self.exporter.close()
+                if url:
+                    self._say(self._summary(url))
         atexit.unregister(self.close)
         global _SESSION
         if _SESSION is self:
