@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,8 +51,12 @@ def _tiny_step():
     return model, opt
 
 
+_START_STOP = re.compile(r"gradwatch: (watching .*; statistics on|stopped) ")
+
+
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    """The one line a bad setting or a refusal prints (besides the endpoint's start/stop)."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not _START_STOP.match(ln)]
     assert len(lines) == 1, err
     return lines[0]
 
