@@ -1,0 +1,152 @@
+"""PyTorch Lightning automatic optimization (CPU): every step's exported values against
+Lightning's own numbers for that step.
+
+Lightning always steps with a closure: forward, backward, ``on_before_optimizer_step`` and
+clipping (``gradient_clip_val``) run inside ``optimizer.step(closure)``. Oracles, per step:
+
+- pre-clip: ``pytorch_lightning.utilities.grad_norm(module, 2)`` in ``on_before_optimizer_step``
+  -> ``grad_preclip_l2_norm`` (and the clip coefficient and clipped-steps count from it);
+- post-clip: ``configure_gradient_clipping`` calls ``self.clip_gradients`` and then records the
+  clipped gradients in float64 and Lightning's ``grad_norm`` of them -> ``grad_l2_norm`` and every
+  global statistic (``reference_stats``).
+
+``/metrics`` is scraped after each optimizer step (``on_train_batch_end`` once ``global_step``
+advanced): on the CPU gradwatch publishes inline, so the scrape holds that step. The data makes
+the gradient norm swing by orders of magnitude from step to step, so a value one step off fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from reference import reference_stats
+from util import IN_CI, assert_global_stats, fetch, parse, value
+
+if IN_CI:
+    import pytorch_lightning as pl
+else:
+    pl = pytest.importorskip("pytorch_lightning")
+from pytorch_lightning.utilities import grad_norm  # noqa: E402
+
+MAX_NORM = 0.5
+REL = 1e-5
+# input scale of each optimizer step's batches: norms far apart, a few below MAX_NORM
+SCALES = [3.0, 0.02, 8.0, 0.5, 20.0, 0.05, 1.5, 40.0, 0.2, 5.0]
+TOTAL = "grad_2.0_norm_total"
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, watch: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+        self.watch_mode = watch
+        self.handle = None
+        self.pre: dict[int, float] = {}  # step -> Lightning's pre-clip total norm
+        self.post_norm: dict[int, float] = {}  # step -> Lightning's norm of the clipped grads
+        self.post: dict[int, list[torch.Tensor]] = {}  # step -> clipped grads, float64
+        self.scrapes: dict[int, dict] = {}  # step -> parsed /metrics after that step
+        self._seen = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
+        if self.watch_mode == "optimizer":
+            self.handle = gradwatch.watch(self, opt, port=0, backend="torch")
+        return opt
+
+    def on_fit_start(self):
+        if self.watch_mode == "model":  # every optimizer of the process (global hooks)
+            self.handle = gradwatch.watch(self, port=0, backend="torch")
+
+    def on_before_optimizer_step(self, optimizer):
+        step = self.trainer.global_step + 1
+        self.pre[step] = float(grad_norm(self, norm_type=2)[TOTAL])
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        self.clip_gradients(
+            optimizer,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
+        step = self.trainer.global_step + 1
+        self.post[step] = [p.grad.detach().to(torch.float64).clone() for p in self.parameters()]
+        self.post_norm[step] = float(grad_norm(self, norm_type=2)[TOTAL])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.trainer.global_step
+        if step > self._seen:
+            assert step == self._seen + 1
+            self._seen = step
+            self.scrapes[step] = parse(fetch(self.handle.port))
+
+
+def _data(accumulate: int, batch: int = 4):
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for scale in SCALES:
+        for _ in range(accumulate):
+            xs.append(scale * torch.randn(batch, 6, generator=g))
+            ys.append(scale * torch.randn(batch, 3, generator=g))
+    ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
+
+
+@pytest.mark.parametrize(
+    "accumulate, watch", [(2, "optimizer"), (1, "model")], ids=["accumulate2", "accumulate1"]
+)
+def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
+    torch.manual_seed(0)
+    module = Tiny(watch)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(SCALES),
+        gradient_clip_val=MAX_NORM,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        try:
+            trainer.fit(module, _data(accumulate))
+        finally:
+            if module.handle is not None:
+                module.handle.close()
+    steps = list(range(1, len(SCALES) + 1))
+    assert trainer.global_step == len(SCALES)
+    assert sorted(module.scrapes) == steps and sorted(module.pre) == steps
+    norms = [module.pre[s] for s in steps]
+    assert max(norms) / min(norms) > 100  # a value one step off cannot pass
+    clipped = 0
+    for s in steps:
+        samples, pre = module.scrapes[s], module.pre[s]
+        assert value(samples, "grad_stats_step") == s
+        assert value(samples, "grad_steps_total") == s
+        # exactly one optimizer series (Lightning's LightningOptimizer is no torch Optimizer)
+        assert {dict(k)["optimizer"] for k in samples["grad_l2_norm"]} == {"0"}
+        assert value(samples, "grad_preclip_l2_norm") == pytest.approx(pre, rel=REL), s
+        coef = min(1.0, MAX_NORM / (pre + 1e-6))
+        assert value(samples, "grad_clip_coefficient_ratio") == pytest.approx(coef, rel=REL), s
+        clipped += coef < 1.0
+        assert value(samples, "grad_clipped_steps_total") == clipped, s
+        # post-clip: Lightning's norm of the clipped grads and the float64 reference of them
+        assert value(samples, "grad_l2_norm") == pytest.approx(module.post_norm[s], rel=REL), s
+        assert_global_stats(samples, reference_stats(module.post[s]), rel=REL)
+        assert value(samples, "optimizer_learning_rate", param_group="0") == 0.05
+    assert len(steps) - 4 <= clipped < len(steps)  # clipping on most steps, not all
