@@ -62,12 +62,12 @@ class Tiny(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
         if self.watch_mode == "optimizer":
-            self.handle = gradwatch.watch(self, opt, port=0, backend="torch")
+            self.handle = gradwatch.watch(self, opt, port=0)
         return opt
 
     def on_fit_start(self):
         if self.watch_mode == "model":  # every optimizer of the process (global hooks)
-            self.handle = gradwatch.watch(self, port=0, backend="torch")
+            self.handle = gradwatch.watch(self, port=0)
 
     def on_before_optimizer_step(self, optimizer):
         step = self.trainer.global_step + 1
