@@ -1,0 +1,146 @@
+"""``optimizer.step(closure)``: the values of each step are those of the gradients that step
+applied, captured by the test inside the closure (float64 reference, ``reference_stats``).
+
+- SGD: one closure call per step; clipping inside the closure pairs with the same step.
+- LBFGS (max_iter=5): several closure calls per step; gradwatch reports the first evaluation,
+  the gradient at the parameters the step starts from.
+- A user optimizer whose ``step`` ignores the closure: collected at the post-step hook, the
+  gradients present when the step ran.
+
+``/metrics`` is scraped after every step and the data changes the gradient norm by orders of
+magnitude from step to step, so a value one step (or one evaluation) off fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from reference import reference_stats
+from util import assert_global_stats, fetch, parse, value
+
+REL = 1e-5
+SCALES = [2.0, 0.01, 30.0, 0.3, 5.0, 0.05]  # per-step input scale
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    s = SCALES[step % len(SCALES)]
+    return s * torch.randn(6, 5, generator=g), s * torch.randn(6, 2, generator=g)
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().to(torch.float64).clone() for p in model.parameters()]
+
+
+def _check_step(samples: dict, step: int, grads: list[torch.Tensor]) -> None:
+    assert value(samples, "grad_stats_step") == step
+    assert value(samples, "grad_steps_total") == step
+    assert {dict(k)["optimizer"] for k in samples["grad_l2_norm"]} == {"0"}
+    assert_global_stats(samples, reference_stats(grads), rel=REL)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip_in_closure"])
+def test_sgd_closure_each_step_equals_the_grads_it_applied(clip):
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    norms, clipped = [], 0
+    with gradwatch.watch(model, opt, port=0) as h:
+        for step in range(1, len(SCALES) + 1):
+            x, y = _batch(step)
+            applied: list = []
+            pre: list = []
+
+            def closure(x=x, y=y, applied=applied, pre=pre):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if clip:
+                    pre.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+                applied.append(_grads(model))
+                return loss
+
+            opt.step(closure)
+            assert len(applied) == 1
+            samples = parse(fetch(h.port))
+            _check_step(samples, step, applied[0])
+            norms.append(reference_stats(applied[0])["grad_l2_norm"])
+            if clip:
+                assert value(samples, "grad_preclip_l2_norm") == pytest.approx(pre[0], rel=REL)
+                coef = min(1.0, 0.5 / (pre[0] + 1e-6))
+                clipped += coef < 1.0
+                assert value(samples, "grad_clip_coefficient_ratio") == pytest.approx(coef, rel=REL)
+                assert value(samples, "grad_clipped_steps_total") == clipped
+            else:
+                assert value(samples, "grad_preclip_l2_norm") is None
+        assert h.session.errors.nonzero() == {}
+    if clip:
+        assert 2 <= clipped < len(SCALES)
+    else:
+        assert max(norms) / min(norms) > 100
+
+
+def test_lbfgs_reports_the_first_closure_evaluation_of_each_step():
+    model = _net()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=4)
+    calls_per_step = []
+    with gradwatch.watch(model, opt, port=0) as h:
+        for step in range(1, 5):
+            x, y = _batch(step)
+            evaluations: list = []
+
+            def closure(x=x, y=y, evaluations=evaluations):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                evaluations.append(_grads(model))
+                return loss
+
+            opt.step(closure)
+            calls_per_step.append(len(evaluations))
+            samples = parse(fetch(h.port))
+            _check_step(samples, step, evaluations[0])
+            # the later evaluations' gradients are different: reporting one of them would fail
+            last = reference_stats(evaluations[-1])["grad_l2_norm"]
+            first = reference_stats(evaluations[0])["grad_l2_norm"]
+            assert last != pytest.approx(first, rel=1e-3)
+        assert h.session.errors.nonzero() == {}
+    assert all(n > 1 for n in calls_per_step), calls_per_step  # several evaluations per step
+
+
+class IgnoresClosure(torch.optim.Optimizer):
+    """A user optimizer whose step takes a closure argument and never calls it."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return None
+
+
+def test_step_that_ignores_its_closure_reports_the_grads_present_at_the_step():
+    model = _net()
+    opt = IgnoresClosure(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt, port=0) as h:
+        for step in range(1, 5):
+            x, y = _batch(step)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            present = _grads(model)
+            called = []
+            opt.step(lambda called=called: called.append(1))
+            assert not called
+            _check_step(parse(fetch(h.port)), step, present)
+        assert h.session.errors.nonzero() == {}
