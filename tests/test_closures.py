@@ -7,6 +7,9 @@ applied, captured by the test inside the closure (float64 reference, ``reference
 - A user optimizer whose ``step`` ignores the closure: collected at the post-step hook, the
   gradients present when the step ran.
 
+With ``update_every=1`` the update statistics of a closure step are checked too: the whole
+step's update, theta_after - theta_before (all of LBFGS's iterations), in float64.
+
 ``/metrics`` is scraped after every step and the data changes the gradient norm by orders of
 magnitude from step to step, so a value one step (or one evaluation) off fails.
 """
@@ -40,6 +43,10 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().to(torch.float64).clone() for p in model.parameters()]
 
 
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().to(torch.float64).clone() for p in model.parameters()]
+
+
 def _check_step(samples: dict, step: int, grads: list[torch.Tensor]) -> None:
     assert value(samples, "grad_stats_step") == step
     assert value(samples, "grad_steps_total") == step
@@ -47,16 +54,27 @@ def _check_step(samples: dict, step: int, grads: list[torch.Tensor]) -> None:
     assert_global_stats(samples, reference_stats(grads), rel=REL)
 
 
+def _check_update(samples: dict, step: int, before: list, after: list) -> None:
+    """update_* / param_* of the step against the float64 parameters before and after it."""
+    update = reference_stats([a - b for a, b in zip(after, before, strict=True)])["grad_l2_norm"]
+    param = reference_stats(after)["grad_l2_norm"]
+    assert value(samples, "update_stats_step") == step
+    assert value(samples, "update_l2_norm") == pytest.approx(update, rel=REL)
+    assert value(samples, "param_l2_norm") == pytest.approx(param, rel=REL)
+    assert value(samples, "update_to_param_ratio") == pytest.approx(update / param, rel=REL)
+
+
 @pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip_in_closure"])
 def test_sgd_closure_each_step_equals_the_grads_it_applied(clip):
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     norms, clipped = [], 0
-    with gradwatch.watch(model, opt, port=0) as h:
+    with gradwatch.watch(model, opt, port=0, update_every=1) as h:
         for step in range(1, len(SCALES) + 1):
             x, y = _batch(step)
             applied: list = []
             pre: list = []
+            before = _params(model)
 
             def closure(x=x, y=y, applied=applied, pre=pre):
                 opt.zero_grad()
@@ -71,6 +89,7 @@ def test_sgd_closure_each_step_equals_the_grads_it_applied(clip):
             assert len(applied) == 1
             samples = parse(fetch(h.port))
             _check_step(samples, step, applied[0])
+            _check_update(samples, step, before, _params(model))
             norms.append(reference_stats(applied[0])["grad_l2_norm"])
             if clip:
                 assert value(samples, "grad_preclip_l2_norm") == pytest.approx(pre[0], rel=REL)
@@ -91,10 +110,11 @@ def test_lbfgs_reports_the_first_closure_evaluation_of_each_step():
     model = _net()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=4)
     calls_per_step = []
-    with gradwatch.watch(model, opt, port=0) as h:
+    with gradwatch.watch(model, opt, port=0, update_every=1) as h:
         for step in range(1, 5):
             x, y = _batch(step)
             evaluations: list = []
+            before = _params(model)
 
             def closure(x=x, y=y, evaluations=evaluations):
                 opt.zero_grad()
@@ -107,6 +127,7 @@ def test_lbfgs_reports_the_first_closure_evaluation_of_each_step():
             calls_per_step.append(len(evaluations))
             samples = parse(fetch(h.port))
             _check_step(samples, step, evaluations[0])
+            _check_update(samples, step, before, _params(model))
             # the later evaluations' gradients are different: reporting one of them would fail
             last = reference_stats(evaluations[-1])["grad_l2_norm"]
             first = reference_stats(evaluations[0])["grad_l2_norm"]
