@@ -10,6 +10,9 @@ clipping (``gradient_clip_val``) run inside ``optimizer.step(closure)``. Oracles
   clipped gradients in float64 and Lightning's ``grad_norm`` of them -> ``grad_l2_norm`` and every
   global statistic (``reference_stats``).
 
+With ``update_every=1``: ``update_l2_norm`` / ``param_l2_norm`` against the float64 parameters
+recorded in ``on_before_optimizer_step`` and after the step.
+
 ``/metrics`` is scraped after each optimizer step (``on_train_batch_end`` once ``global_step``
 advanced): on the CPU gradwatch publishes inline, so the scrape holds that step. The data makes
 the gradient norm swing by orders of magnitude from step to step, so a value one step off fails.
@@ -50,6 +53,8 @@ class Tiny(pl.LightningModule):
         self.post_norm: dict[int, float] = {}  # step -> Lightning's norm of the clipped grads
         self.post: dict[int, list[torch.Tensor]] = {}  # step -> clipped grads, float64
         self.scrapes: dict[int, dict] = {}  # step -> parsed /metrics after that step
+        self.before: dict[int, list[torch.Tensor]] = {}  # step -> float64 params before it
+        self.after: dict[int, list[torch.Tensor]] = {}  # step -> float64 params after it
         self._seen = 0
 
     def forward(self, x):
@@ -62,16 +67,17 @@ class Tiny(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
         if self.watch_mode == "optimizer":
-            self.handle = gradwatch.watch(self, opt, port=0)
+            self.handle = gradwatch.watch(self, opt, port=0, update_every=1)
         return opt
 
     def on_fit_start(self):
         if self.watch_mode == "model":  # every optimizer of the process (global hooks)
-            self.handle = gradwatch.watch(self, port=0)
+            self.handle = gradwatch.watch(self, port=0, update_every=1)
 
     def on_before_optimizer_step(self, optimizer):
         step = self.trainer.global_step + 1
         self.pre[step] = float(grad_norm(self, norm_type=2)[TOTAL])
+        self.before[step] = _float64(self.parameters())
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -82,7 +88,7 @@ class Tiny(pl.LightningModule):
             gradient_clip_algorithm=gradient_clip_algorithm,
         )
         step = self.trainer.global_step + 1
-        self.post[step] = [p.grad.detach().to(torch.float64).clone() for p in self.parameters()]
+        self.post[step] = _float64(p.grad for p in self.parameters())
         self.post_norm[step] = float(grad_norm(self, norm_type=2)[TOTAL])
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -91,6 +97,11 @@ class Tiny(pl.LightningModule):
             assert step == self._seen + 1
             self._seen = step
             self.scrapes[step] = parse(fetch(self.handle.port))
+            self.after[step] = _float64(self.parameters())
+
+
+def _float64(tensors) -> list[torch.Tensor]:
+    return [t.detach().to(torch.float64).clone() for t in tensors]
 
 
 def _data(accumulate: int, batch: int = 4):
@@ -149,4 +160,11 @@ def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
         assert value(samples, "grad_l2_norm") == pytest.approx(module.post_norm[s], rel=REL), s
         assert_global_stats(samples, reference_stats(module.post[s]), rel=REL)
         assert value(samples, "optimizer_learning_rate", param_group="0") == 0.05
+        # the update the step applied, after the closure's clipping
+        delta = [a - b for a, b in zip(module.after[s], module.before[s], strict=True)]
+        update = reference_stats(delta)["grad_l2_norm"]
+        assert value(samples, "update_stats_step") == s
+        assert value(samples, "update_l2_norm") == pytest.approx(update, rel=REL), s
+        param = reference_stats(module.after[s])["grad_l2_norm"]
+        assert value(samples, "param_l2_norm") == pytest.approx(param, rel=REL), s
     assert len(steps) - 4 <= clipped < len(steps)  # clipping on most steps, not all
