@@ -9,7 +9,9 @@ Oracles, on every rank and every step:
   ``grad_clip_coefficient_ratio`` = min(1, max_norm / (norm + 1e-6)) and
   ``grad_clipped_steps_total``;
 - the inner AdamW's lr as the step applied it (changed every step by torchtitan's warm-up
-  scheduler) -> ``optimizer_learning_rate``; one ``optimizer`` label (the container).
+  scheduler) -> ``optimizer_learning_rate``; one ``optimizer`` label (the container);
+- the float64 norms of this rank's parameter shards after the step and of their update ->
+  ``param_l2_norm``, ``update_l2_norm`` (per rank, as the catalog says).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def test_torchtitan_fsdp2_every_rank_every_step_equals_the_references(tmp_path, 
             assert value(samples, "grad_clipped_steps_total") == clipped
             lr = value(samples, "optimizer_learning_rate", param_group="0")
             assert lr == pytest.approx(rec["lr"], rel=1e-12)
+            assert value(samples, "update_stats_step") == step
+            assert value(samples, "update_l2_norm") == pytest.approx(rec["update"], rel=REL)
+            assert value(samples, "param_l2_norm") == pytest.approx(rec["param"], rel=REL)
             norms.append(norm)
             lrs.append(rec["lr"])
         assert 0 < clipped < len(norms)

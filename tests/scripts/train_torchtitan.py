@@ -22,7 +22,9 @@ WATCH=optimizer: ``gradwatch.watch(model, optimizers)``; WATCH=all: ``gradwatch.
 
 After each step this rank scrapes its own /metrics. It writes OUT/rank<r>.json: one record per
 step with the float64 reference of the post-clip ``full_tensor()`` gradients, torchtitan's norm,
-the inner optimizer's lr as the step applied it, and the scrape text.
+the inner optimizer's lr as the step applied it, the float64 L2 norms of this rank's parameter
+shards after the step and of their update (gradwatch's update_* / param_* are per rank), and the
+scrape text.
 """
 
 import json
@@ -85,9 +87,21 @@ lr_schedulers = LRSchedulersContainer.Config(warmup_steps=3).build(
     optimizers=optimizers, training_steps=len(FACTORS)
 )
 watch = os.environ.get("WATCH", "optimizer")
-handle = gradwatch.watch(model, optimizers if watch == "optimizer" else None, port=0)
+handle = gradwatch.watch(
+    model, optimizers if watch == "optimizer" else None, port=0, update_every=1
+)
 
 params = list(model.parameters())
+
+
+def local_shards():
+    return [p.detach().to_local().to(torch.float64).clone() for p in params]
+
+
+def l2(tensors):
+    return float(torch.stack([(t * t).sum() for t in tensors]).sum().sqrt())
+
+
 records = []
 for step in range(1, len(FACTORS) + 1):
     gen = torch.Generator().manual_seed(1000 * step + rank)  # different data per rank
@@ -105,7 +119,9 @@ for step in range(1, len(FACTORS) + 1):
     grads = [p.grad.full_tensor().to(torch.float64) for p in params]  # collectives, all ranks
     ref = reference_stats(grads)
     lr = optimizers.optimizers[0].param_groups[0]["lr"]
+    before = local_shards()
     optimizers.step()
+    after = local_shards()
     lr_schedulers.step()
     with urllib.request.urlopen(f"http://127.0.0.1:{handle.port}/metrics", timeout=10) as r:
         metrics = r.read().decode()
@@ -115,6 +131,8 @@ for step in range(1, len(FACTORS) + 1):
             "ref": ref,
             "norm": float(norm),
             "lr": lr,
+            "update": l2([a - b for a, b in zip(after, before, strict=True)]),
+            "param": l2(after),
             "inner_optimizers": len(optimizers.optimizers),
             "placements": sorted({str(p.grad.placements) for p in params}),
             "metrics": metrics,
