@@ -1,6 +1,7 @@
 """Wrapper optimizers, whose ``step`` calls another optimizer's ``step``, are reported once, by
 the outer one: one ``optimizer`` label value, and values equal to the float64 reference of the
-full gradients the step applied (captured by the test).
+full gradients the step applied (captured by the test), and update statistics equal to those of
+the float64 parameters before and after the step.
 
 - ``torch.distributed.optim.ZeroRedundancyOptimizer``, world size 1 in this process (gloo over
   tcp://127.0.0.1) and world size 2 under torchrun with DDP
@@ -51,7 +52,8 @@ def _check(samples: dict, step: int, grads, lr: float | None) -> None:
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, port_of, lr: float | None) -> None:
-    """Odd steps plain, even steps with a closure; scrape and check after each."""
+    """Odd steps plain, even steps with a closure; scrape and check after each (with
+    ``update_every=1``: the update too, from the float64 parameters before and after)."""
     for step in range(1, len(SCALES) + 1):
         gen = torch.Generator().manual_seed(step)
         x = SCALES[step - 1] * torch.randn(8, 5, generator=gen)
@@ -64,12 +66,20 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, port_of, lr: float | No
             applied.append([p.grad.detach().to(torch.float64).clone() for p in model.parameters()])
             return loss
 
+        before = [p.detach().to(torch.float64).clone() for p in model.parameters()]
         if step % 2:
             closure()
             opt.step()
         else:
             opt.step(closure)
-        _check(parse(fetch(port_of())), step, applied[0], lr)
+        samples = parse(fetch(port_of()))
+        _check(samples, step, applied[0], lr)
+        after = [p.detach().to(torch.float64) for p in model.parameters()]
+        delta = [a - b for a, b in zip(after, before, strict=True)]
+        update = reference_stats(delta)["grad_l2_norm"]
+        assert value(samples, "update_l2_norm") == pytest.approx(update, rel=REL)
+        param = reference_stats(after)["grad_l2_norm"]
+        assert value(samples, "param_l2_norm") == pytest.approx(param, rel=REL)
 
 
 @pytest.fixture
@@ -88,7 +98,7 @@ def gloo_world_1():
 def test_zero_redundancy_world_1_one_series_equal_to_the_reference(gloo_world_1, explicit):
     model = _net()
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=1e-2)
-    with gradwatch.watch(model, opt if explicit else None, port=0) as h:
+    with gradwatch.watch(model, opt if explicit else None, port=0, update_every=1) as h:
         _train(model, opt, lambda: h.port, lr=1e-2)
         (watch,) = h.session.watches()
         assert watch.optimizer_ref is opt
@@ -131,7 +141,7 @@ def test_user_wrapper_with_a_hidden_inner_optimizer_one_series(wrapper, explicit
     opt = wrapper(model.parameters(), lr=1e-2)
     assert gradwatch.stacks.inner_optimizers(opt) == []  # not found among its attributes
     lr = 1e-2 if wrapper is DictHeld else None  # ClosureHeld's own groups have no lr
-    with gradwatch.watch(model, opt if explicit else None, port=0) as h:
+    with gradwatch.watch(model, opt if explicit else None, port=0, update_every=1) as h:
         _train(model, opt, lambda: h.port, lr=lr)
         (watch,) = h.session.watches()
         assert watch.optimizer_ref is opt
@@ -159,6 +169,8 @@ def test_zero_redundancy_world_2_every_rank_one_series_equal_to_the_full_grads(t
             _check(samples, rec["step"], grads, rec["lr"])
             assert value(samples, "grad_elements") == sum(g.numel() for g in grads)
             assert 0 < rec["inner_params"] < sum(g.numel() for g in grads)  # a partition
+            assert value(samples, "update_l2_norm") == pytest.approx(rec["update"], rel=REL)
+            assert value(samples, "param_l2_norm") == pytest.approx(rec["param"], rel=REL)
     # DDP: the same gradients, hence the same values, on both ranks
     for a, b in zip(runs[0], runs[1], strict=True):
         assert a["grads"] == b["grads"]
