@@ -10,6 +10,8 @@ Oracles, on every rank and every step:
   ``grad_clipped_steps_total``;
 - the inner AdamW's lr as the step applied it (changed every step by torchtitan's warm-up
   scheduler) -> ``optimizer_learning_rate``; one ``optimizer`` label (the container);
+- per parameter (rank 0), by torchtitan's parameter names: the float64 norm and abs max of
+  the parameter's full gradient -> ``grad_param_l2_norm``, ``grad_param_abs_max``;
 - the float64 norms of this rank's parameter shards after the step and of their update ->
   ``param_l2_norm``, ``update_l2_norm`` (per rank, as the catalog says).
 """
@@ -75,6 +77,18 @@ def test_torchtitan_fsdp2_every_rank_every_step_equals_the_references(tmp_path, 
             assert value(samples, "update_stats_step") == step
             assert value(samples, "update_l2_norm") == pytest.approx(rec["update"], rel=REL)
             assert value(samples, "param_l2_norm") == pytest.approx(rec["param"], rel=REL)
+            # per parameter, by torchtitan's parameter names: rank 0 only (per_param_ranks)
+            per_param = {
+                dict(k)["param"]: v for k, v in samples.get("grad_param_l2_norm", {}).items()
+            }
+            if r == 0:
+                assert sorted(per_param) == sorted(rec["per_param"])
+                for name, (l2, amax) in rec["per_param"].items():
+                    assert per_param[name] == pytest.approx(l2, rel=REL), name
+                    got = value(samples, "grad_param_abs_max", param=name)
+                    assert got == pytest.approx(amax, rel=REL), name
+            else:
+                assert per_param == {}
             norms.append(norm)
             lrs.append(rec["lr"])
         assert 0 < clipped < len(norms)

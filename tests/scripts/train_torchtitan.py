@@ -22,9 +22,10 @@ WATCH=optimizer: ``gradwatch.watch(model, optimizers)``; WATCH=all: ``gradwatch.
 
 After each step this rank scrapes its own /metrics. It writes OUT/rank<r>.json: one record per
 step with the float64 reference of the post-clip ``full_tensor()`` gradients, torchtitan's norm,
-the inner optimizer's lr as the step applied it, the float64 L2 norms of this rank's parameter
-shards after the step and of their update (gradwatch's update_* / param_* are per rank), and the
-scrape text.
+the float64 L2 norm and abs max of each parameter's full gradient by name (per_param=True: rank
+0 exports grad_param_*), the inner optimizer's lr as the step applied it, the float64 L2 norms
+of this rank's parameter shards after the step and of their update (gradwatch's update_* and
+param_* are per rank), and the scrape text.
 """
 
 import json
@@ -88,10 +89,10 @@ lr_schedulers = LRSchedulersContainer.Config(warmup_steps=3).build(
 )
 watch = os.environ.get("WATCH", "optimizer")
 handle = gradwatch.watch(
-    model, optimizers if watch == "optimizer" else None, port=0, update_every=1
+    model, optimizers if watch == "optimizer" else None, port=0, update_every=1, per_param=True
 )
 
-params = list(model.parameters())
+names, params = zip(*model.named_parameters(), strict=True)
 
 
 def local_shards():
@@ -118,6 +119,9 @@ for step in range(1, len(FACTORS) + 1):
     norm = clip_grad_norm_(params, MAX_NORM, foreach=True, pp_mesh=None, ep_enabled=False)
     grads = [p.grad.full_tensor().to(torch.float64) for p in params]  # collectives, all ranks
     ref = reference_stats(grads)
+    per_param = {
+        n: [float(g.norm()), float(g.abs().max())] for n, g in zip(names, grads, strict=True)
+    }
     lr = optimizers.optimizers[0].param_groups[0]["lr"]
     before = local_shards()
     optimizers.step()
@@ -133,6 +137,7 @@ for step in range(1, len(FACTORS) + 1):
             "lr": lr,
             "update": l2([a - b for a, b in zip(after, before, strict=True)]),
             "param": l2(after),
+            "per_param": per_param,  # name -> [L2 norm, abs max] of its full gradient
             "inner_optimizers": len(optimizers.optimizers),
             "placements": sorted({str(p.grad.placements) for p in params}),
             "metrics": metrics,
