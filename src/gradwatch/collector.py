@@ -280,6 +280,9 @@ class OptimizerWatch:
         self._noise_n = 0
         self._ema_trace = 0.0
         self._ema_g2 = 0.0
+        # The watch (hence the hooks) starts at the first step, inside that step's window:
+        # the backward passes before it were not seen, so that window is not reported.
+        self._hooks_from_step = self.steps + 1
         if config.micro_batch_size is not None:
             if config.world_size > 1:  # B_big would need the ranks' samples: not done yet
                 log.warning(
@@ -350,7 +353,10 @@ class OptimizerWatch:
         if self.config.micro_batch_size is None or not self._grad_hooks:
             self._step_noise = None
             return
-        self._step_noise = (self._micro_batches, self._small_sumsq)
+        if self.steps > self._hooks_from_step:
+            self._step_noise = (self._micro_batches, self._small_sumsq)
+        else:  # e.g. a closure step: its own backward was counted, the window's earlier not
+            self._step_noise = None
         self._micro_batches, self._small_sumsq = 0, None
         self._backward_queued = False  # a backward that raised never ran its callback
 
