@@ -44,8 +44,12 @@ TOTAL = "grad_2.0_norm_total"
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, watch: str) -> None:
+    def __init__(self, watch: str, **settings) -> None:
         super().__init__()
+        torch.manual_seed(0)
+        self.settings = {"port": 0, "update_every": 1, **settings}
+        self.windows: dict[int, list] = {}  # step -> float64 gradient of each micro-batch
+        self._window: list = []
         self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
         self.watch_mode = watch
         self.handle = None
@@ -62,22 +66,27 @@ class Tiny(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.mse_loss(self(x), y)
+        loss = nn.functional.mse_loss(self(x), y)
+        if "micro_batch_size" in self.settings:  # this micro-batch's own mean gradient
+            grads = torch.autograd.grad(loss, list(self.parameters()), retain_graph=True)
+            self._window.append(_float64(grads))
+        return loss
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
         if self.watch_mode == "optimizer":
-            self.handle = gradwatch.watch(self, opt, port=0, update_every=1)
+            self.handle = gradwatch.watch(self, opt, **self.settings)
         return opt
 
     def on_fit_start(self):
         if self.watch_mode == "model":  # every optimizer of the process (global hooks)
-            self.handle = gradwatch.watch(self, port=0, update_every=1)
+            self.handle = gradwatch.watch(self, **self.settings)
 
     def on_before_optimizer_step(self, optimizer):
         step = self.trainer.global_step + 1
         self.pre[step] = float(grad_norm(self, norm_type=2)[TOTAL])
         self.before[step] = _float64(self.parameters())
+        self.windows[step], self._window = self._window, []
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -115,12 +124,7 @@ def _data(accumulate: int, batch: int = 4):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
 
 
-@pytest.mark.parametrize(
-    "accumulate, watch", [(2, "optimizer"), (1, "model")], ids=["accumulate2", "accumulate1"]
-)
-def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
-    torch.manual_seed(0)
-    module = Tiny(watch)
+def _fit(module: Tiny, accumulate: int):
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -139,6 +143,15 @@ def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
         finally:
             if module.handle is not None:
                 module.handle.close()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "accumulate, watch", [(2, "optimizer"), (1, "model")], ids=["accumulate2", "accumulate1"]
+)
+def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
+    module = Tiny(watch)
+    trainer = _fit(module, accumulate)
     steps = list(range(1, len(SCALES) + 1))
     assert trainer.global_step == len(SCALES)
     assert sorted(module.scrapes) == steps and sorted(module.pre) == steps
@@ -168,3 +181,51 @@ def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
         param = reference_stats(module.after[s])["grad_l2_norm"]
         assert value(samples, "param_l2_norm") == pytest.approx(param, rel=REL), s
     assert len(steps) - 4 <= clipped < len(steps)  # clipping on most steps, not all
+
+
+def _ema(values: list[float], beta: float = 0.95) -> float:
+    """Bias-corrected exponential moving average (decay beta, started at 0) of values."""
+    ema = 0.0
+    for v in values:
+        ema = beta * ema + (1 - beta) * v
+    return ema / (1 - beta ** len(values))
+
+
+def _sq(tensors) -> float:
+    return float(sum((t * t).sum() for t in tensors))
+
+
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_lightning_accumulation_noise_scale_from_its_own_micro_batches(accumulate):
+    """GRADWATCH_MICRO_BATCH_SIZE under Lightning's accumulation (the last backward of each
+    window runs inside the closure, after the pre-step hook; the loss is divided by k): the
+    window size k and the estimates of tr(Sigma) and |G|^2 (their definitions, McCandlish et al.
+    2018, app. A.1) from each micro-batch's own gradient, taken with autograd in training_step,
+    before Lightning's division and clipping."""
+    mbs = 4  # samples per micro-batch (_data's batch)
+    module = Tiny("optimizer", micro_batch_size=mbs)
+    _fit(module, accumulate)
+    b_small, b_big = mbs, mbs * accumulate
+    traces, g2s = [], []
+    for s in range(1, len(SCALES) + 1):
+        samples, window = module.scrapes[s], module.windows[s]
+        assert len(window) == accumulate
+        k = value(samples, "grad_accumulation_micro_batches")
+        if s == 1 and k is None:
+            # the watch starts at the first step: its first window is not seen from its start
+            assert value(samples, "grad_noise_trace_sigma") is None
+            continue
+        assert k == accumulate, s
+        small = _sq(window[0])
+        big = _sq([sum(gs) / accumulate for gs in zip(*window, strict=True)])
+        traces.append((small - big) / (1 / b_small - 1 / b_big))
+        g2s.append((b_big * big - b_small * small) / (b_big - b_small))
+        trace, g2 = _ema(traces), _ema(g2s)
+        scale = max(abs(t) for t in traces + g2s)  # the estimates are differences
+        got = value(samples, "grad_noise_trace_sigma")
+        assert got == pytest.approx(trace, rel=REL, abs=REL * scale), s
+        got = value(samples, "grad_noise_true_grad_sq_norm")
+        assert got == pytest.approx(g2, rel=REL, abs=REL * scale), s
+        if trace > 0 and g2 > 0:
+            assert value(samples, "grad_noise_scale") == pytest.approx(trace / g2, rel=1e-4), s
+    assert len(traces) >= len(SCALES) - 1
