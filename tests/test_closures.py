@@ -165,3 +165,26 @@ def test_step_that_ignores_its_closure_reports_the_grads_present_at_the_step():
             assert not called
             _check_step(parse(fetch(h.port)), step, present)
         assert h.session.errors.nonzero() == {}
+
+
+def test_accumulation_window_whose_last_backward_runs_in_the_closure():
+    """Lightning's shape of accumulation: k - 1 backwards before step, the last inside the
+    closure (after the pre-step hook). Every reported window has k; the first step's window
+    began before the watch existed and is not reported (it counted 1 of 2 before the fix)."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt, port=0, micro_batch_size=6) as h:
+        for step in range(1, 5):
+            x, y = _batch(step)
+            opt.zero_grad()
+            (nn.functional.mse_loss(model(x), y) / 2).backward()
+
+            def closure(x=x, y=y):
+                loss = nn.functional.mse_loss(model(-x), y) / 2
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            k = value(parse(fetch(h.port)), "grad_accumulation_micro_batches")
+            assert k == (None if step == 1 else 2), step
+        assert h.session.errors.nonzero() == {}
