@@ -7,8 +7,11 @@ clipping (``gradient_clip_val``) run inside ``optimizer.step(closure)``. Oracles
 - pre-clip: ``pytorch_lightning.utilities.grad_norm(module, 2)`` in ``on_before_optimizer_step``
   -> ``grad_preclip_l2_norm`` (and the clip coefficient and clipped-steps count from it);
 - post-clip: ``configure_gradient_clipping`` calls ``self.clip_gradients`` and then records the
-  clipped gradients in float64 and Lightning's ``grad_norm`` of them -> ``grad_l2_norm`` and every
-  global statistic (``reference_stats``).
+  clipped gradients in float64 and Lightning's ``grad_norm`` of them -> ``grad_l2_norm``, every
+  global statistic (``reference_stats``) and, by the module's parameter names, Lightning's
+  per-parameter norms -> ``grad_param_l2_norm``;
+- the lr the step applies (a LambdaLR stepped by Lightning every optimizer step), read in
+  ``on_before_optimizer_step`` -> ``optimizer_learning_rate``.
 
 With ``update_every=1``: ``update_l2_norm`` / ``param_l2_norm`` against the float64 parameters
 recorded in ``on_before_optimizer_step`` and after the step.
@@ -47,7 +50,7 @@ class Tiny(pl.LightningModule):
     def __init__(self, watch: str, **settings) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.settings = {"port": 0, "update_every": 1, **settings}
+        self.settings = {"port": 0, "update_every": 1, "per_param": True, **settings}
         self.windows: dict[int, list] = {}  # step -> float64 gradient of each micro-batch
         self._window: list = []
         self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
@@ -56,9 +59,12 @@ class Tiny(pl.LightningModule):
         self.pre: dict[int, float] = {}  # step -> Lightning's pre-clip total norm
         self.post_norm: dict[int, float] = {}  # step -> Lightning's norm of the clipped grads
         self.post: dict[int, list[torch.Tensor]] = {}  # step -> clipped grads, float64
+        self.post_norms: dict[int, dict[str, float]] = {}  # step -> Lightning's per-param norms
+        self.param_names = [n for n, _ in self.named_parameters()]
         self.scrapes: dict[int, dict] = {}  # step -> parsed /metrics after that step
         self.before: dict[int, list[torch.Tensor]] = {}  # step -> float64 params before it
         self.after: dict[int, list[torch.Tensor]] = {}  # step -> float64 params after it
+        self.lr: dict[int, float] = {}  # step -> the lr the step applies
         self._seen = 0
 
     def forward(self, x):
@@ -76,7 +82,9 @@ class Tiny(pl.LightningModule):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.5)
         if self.watch_mode == "optimizer":
             self.handle = gradwatch.watch(self, opt, **self.settings)
-        return opt
+        # a new lr every optimizer step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self):
         if self.watch_mode == "model":  # every optimizer of the process (global hooks)
@@ -85,6 +93,7 @@ class Tiny(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         step = self.trainer.global_step + 1
         self.pre[step] = float(grad_norm(self, norm_type=2)[TOTAL])
+        self.lr[step] = optimizer.param_groups[0]["lr"]
         self.before[step] = _float64(self.parameters())
         self.windows[step], self._window = self._window, []
 
@@ -98,7 +107,9 @@ class Tiny(pl.LightningModule):
         )
         step = self.trainer.global_step + 1
         self.post[step] = _float64(p.grad for p in self.parameters())
-        self.post_norm[step] = float(grad_norm(self, norm_type=2)[TOTAL])
+        norms = grad_norm(self, norm_type=2)
+        self.post_norm[step] = float(norms[TOTAL])
+        self.post_norms[step] = {n: float(norms[f"grad_2.0_norm/{n}"]) for n in self.param_names}
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         step = self.trainer.global_step
@@ -172,7 +183,13 @@ def test_lightning_each_step_equals_lightnings_own_norms(accumulate, watch):
         # post-clip: Lightning's norm of the clipped grads and the float64 reference of them
         assert value(samples, "grad_l2_norm") == pytest.approx(module.post_norm[s], rel=REL), s
         assert_global_stats(samples, reference_stats(module.post[s]), rel=REL)
-        assert value(samples, "optimizer_learning_rate", param_group="0") == 0.05
+        # per parameter, by the LightningModule's names: Lightning's own per-parameter norms
+        for name, grad in zip(module.param_names, module.post[s], strict=True):
+            got = value(samples, "grad_param_l2_norm", param=name)
+            assert got == pytest.approx(float(grad.norm()), rel=REL), (s, name)
+            assert got == pytest.approx(module.post_norms[s][name], rel=REL), (s, name)
+        assert module.lr[s] == pytest.approx(0.05 / s)
+        assert value(samples, "optimizer_learning_rate", param_group="0") == module.lr[s]
         # the update the step applied, after the closure's clipping
         delta = [a - b for a, b in zip(module.after[s], module.before[s], strict=True)]
         update = reference_stats(delta)["grad_l2_norm"]
