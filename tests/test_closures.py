@@ -106,20 +106,25 @@ def test_sgd_closure_each_step_equals_the_grads_it_applied(clip):
         assert max(norms) / min(norms) > 100
 
 
-def test_lbfgs_reports_the_first_closure_evaluation_of_each_step():
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip_in_closure"])
+def test_lbfgs_reports_the_first_closure_evaluation_of_each_step(clip):
+    """With clipping in the closure every evaluation clips: the first one's norm is reported."""
     model = _net()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=4)
-    calls_per_step = []
+    calls_per_step, clipped = [], 0
     with gradwatch.watch(model, opt, port=0, update_every=1) as h:
         for step in range(1, 5):
             x, y = _batch(step)
             evaluations: list = []
+            pre: list = []
             before = _params(model)
 
-            def closure(x=x, y=y, evaluations=evaluations):
+            def closure(x=x, y=y, evaluations=evaluations, pre=pre):
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
+                if clip:
+                    pre.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
                 evaluations.append(_grads(model))
                 return loss
 
@@ -129,11 +134,19 @@ def test_lbfgs_reports_the_first_closure_evaluation_of_each_step():
             _check_step(samples, step, evaluations[0])
             _check_update(samples, step, before, _params(model))
             # the later evaluations' gradients are different: reporting one of them would fail
-            last = reference_stats(evaluations[-1])["grad_l2_norm"]
-            first = reference_stats(evaluations[0])["grad_l2_norm"]
+            last = reference_stats(evaluations[-1])["grad_abs_max"]
+            first = reference_stats(evaluations[0])["grad_abs_max"]
             assert last != pytest.approx(first, rel=1e-3)
+            if clip:
+                assert value(samples, "grad_preclip_l2_norm") == pytest.approx(pre[0], rel=REL)
+                assert pre[-1] != pytest.approx(pre[0], rel=1e-3)
+                coef = min(1.0, 0.5 / (pre[0] + 1e-6))
+                clipped += coef < 1.0
+                assert value(samples, "grad_clip_coefficient_ratio") == pytest.approx(coef, rel=REL)
+                assert value(samples, "grad_clipped_steps_total") == clipped
         assert h.session.errors.nonzero() == {}
     assert all(n > 1 for n in calls_per_step), calls_per_step  # several evaluations per step
+    assert clipped or not clip
 
 
 class IgnoresClosure(torch.optim.Optimizer):
