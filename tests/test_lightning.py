@@ -23,6 +23,7 @@ the gradient norm swing by orders of magnitude from step to step, so a value one
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -65,6 +66,7 @@ class Tiny(pl.LightningModule):
         self.before: dict[int, list[torch.Tensor]] = {}  # step -> float64 params before it
         self.after: dict[int, list[torch.Tensor]] = {}  # step -> float64 params after it
         self.lr: dict[int, float] = {}  # step -> the lr the step applies
+        self.loss_scale: dict[int, float] = {}  # step -> GradScaler's scale (16-mixed)
         self._seen = 0
 
     def forward(self, x):
@@ -96,6 +98,9 @@ class Tiny(pl.LightningModule):
         self.lr[step] = optimizer.param_groups[0]["lr"]
         self.before[step] = _float64(self.parameters())
         self.windows[step], self._window = self._window, []
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.loss_scale[step] = scaler.get_scale()
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -135,8 +140,9 @@ def _data(accumulate: int, batch: int = 4):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
 
 
-def _fit(module: Tiny, accumulate: int):
+def _fit(module: Tiny, accumulate: int, **trainer_args):
     trainer = pl.Trainer(
+        **trainer_args,
         accelerator="cpu",
         devices=1,
         max_steps=len(SCALES),
@@ -246,3 +252,36 @@ def test_lightning_accumulation_noise_scale_from_its_own_micro_batches(accumulat
         if trace > 0 and g2 > 0:
             assert value(samples, "grad_noise_scale") == pytest.approx(trace / g2, rel=1e-4), s
     assert len(traces) >= len(SCALES) - 1
+
+
+def test_lightning_16_mixed_grad_scaler_skipped_steps_and_loss_scale():
+    """Lightning's 16-mixed path (its MixedPrecision plugin with a GradScaler; Lightning picks
+    bf16 on the CPU unless given the plugin): the closure runs before ``scaler.step``, which
+    skips the steps whose fp16 gradients overflowed (the large-scale batches). Applied steps:
+    values of that step's unscaled, clipped gradients and the loss scale GradScaler used;
+    skipped steps: counted, and the gauges stay at the last applied step."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    module = Tiny("optimizer")
+    trainer = _fit(module, 1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.global_step == len(SCALES)
+    applied, skipped, clipped, last = 0, 0, 0, None
+    for s in range(1, len(SCALES) + 1):
+        samples = module.scrapes[s]
+        if math.isfinite(module.pre[s]):
+            applied, last = applied + 1, s
+            assert value(samples, "grad_preclip_l2_norm") == pytest.approx(module.pre[s], rel=REL)
+            assert_global_stats(samples, reference_stats(module.post[s]), rel=REL)
+            assert value(samples, "amp_loss_scale") == module.loss_scale[s]
+            clipped += MAX_NORM / (module.pre[s] + 1e-6) < 1.0
+        else:  # GradScaler skipped it: the optimizer did not step
+            skipped += 1
+            pairs = zip(module.after[s], module.before[s], strict=True)
+            assert all(torch.equal(a, b) for a, b in pairs), s
+        assert value(samples, "grad_stats_step") == last, s
+        assert value(samples, "grad_steps_total") == applied, s
+        assert value(samples, "amp_skipped_steps_total") == skipped, s
+        assert value(samples, "grad_clipped_steps_total") == clipped, s
+    assert skipped >= 2 and applied >= 5
+    assert len(set(module.loss_scale.values())) > 2  # the scale went down after each overflow
