@@ -11,6 +11,8 @@ own pieces, in the order its ``Trainer.train_step`` runs them:
   which torchtitan's gradient divide factor 1.0 selects);
 - optimizer: ``default_adamw`` -> ``OptimizersContainer`` (``.build(model_parts=[model])``), a
   torch Optimizer wrapping the inner AdamW, whose param groups carry no lr of their own;
+  OPTIMIZERS=two: a container of two inner optimizers (Adam for the embedding and the output
+  layer, AdamW for the rest, different lrs);
   ``LRSchedulersContainer`` with a linear warm-up, so the lr changes every step;
 - loss: summed cross-entropy / global token count (torchtitan's normalization), times a
   per-step factor so the gradient norm swings from step to step (clipped on some steps only);
@@ -23,7 +25,7 @@ WATCH=optimizer: ``gradwatch.watch(model, optimizers)``; WATCH=all: ``gradwatch.
 After each step this rank scrapes its own /metrics. It writes OUT/rank<r>.json: one record per
 step with the float64 reference of the post-clip ``full_tensor()`` gradients, torchtitan's norm,
 the float64 L2 norm and abs max of each parameter's full gradient by name (per_param=True: rank
-0 exports grad_param_*), the inner optimizer's lr as the step applied it, the float64 L2 norms
+0 exports grad_param_*), the inner optimizers' lrs as the step applied them, the float64 L2 norms
 of this rank's parameter shards after the step and of their update (gradwatch's update_* and
 param_* are per rank), and the scrape text.
 """
@@ -38,7 +40,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
-from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+from torchtitan.components.optimizer import (
+    LRSchedulersContainer,
+    OptimizersContainer,
+    ParamGroupConfig,
+    default_adamw,
+)
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -81,7 +88,19 @@ with torch.no_grad():
     model.init_weights(buffer_device=None)
 model.train()
 
-opt_config = default_adamw(lr=1e-3)
+if os.environ.get("OPTIMIZERS", "default") == "default":
+    opt_config = default_adamw(lr=1e-3)
+else:  # two inner optimizers: Adam for the embedding and the output layer, AdamW for the rest
+    opt_config = OptimizersContainer.Config(
+        param_groups=[
+            ParamGroupConfig(
+                pattern=r"tok_embeddings|lm_head",
+                optimizer_name="Adam",
+                optimizer_kwargs={"lr": 5e-4},
+            ),
+            ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3}),
+        ]
+    )
 opt_config.implementation = "foreach"  # "fused" (the default) is for CUDA
 optimizers = opt_config.build(model_parts=[model])
 lr_schedulers = LRSchedulersContainer.Config(warmup_steps=3).build(
@@ -122,7 +141,7 @@ for step in range(1, len(FACTORS) + 1):
     per_param = {
         n: [float(g.norm()), float(g.abs().max())] for n, g in zip(names, grads, strict=True)
     }
-    lr = optimizers.optimizers[0].param_groups[0]["lr"]
+    lrs = [g["lr"] for inner in optimizers.optimizers for g in inner.param_groups]
     before = local_shards()
     optimizers.step()
     after = local_shards()
@@ -134,7 +153,7 @@ for step in range(1, len(FACTORS) + 1):
             "step": step,
             "ref": ref,
             "norm": float(norm),
-            "lr": lr,
+            "lrs": lrs,
             "update": l2([a - b for a, b in zip(after, before, strict=True)]),
             "param": l2(after),
             "per_param": per_param,  # name -> [L2 norm, abs max] of its full gradient
