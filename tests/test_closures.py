@@ -167,16 +167,20 @@ class IgnoresClosure(torch.optim.Optimizer):
 def test_step_that_ignores_its_closure_reports_the_grads_present_at_the_step():
     model = _net()
     opt = IgnoresClosure(model.parameters(), lr=0.05)
-    with gradwatch.watch(model, opt, port=0) as h:
+    with gradwatch.watch(model, opt, port=0, update_every=1) as h:
         for step in range(1, 5):
             x, y = _batch(step)
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             present = _grads(model)
             called = []
+            before = _params(model)
             opt.step(lambda called=called: called.append(1))
             assert not called
-            _check_step(parse(fetch(h.port)), step, present)
+            samples = parse(fetch(h.port))
+            _check_step(samples, step, present)
+            # the update, from the copy taken at the pre-step hook
+            _check_update(samples, step, before, _params(model))
         assert h.session.errors.nonzero() == {}
 
 

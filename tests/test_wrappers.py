@@ -6,7 +6,9 @@ the float64 parameters before and after the step.
 - ``torch.distributed.optim.ZeroRedundancyOptimizer``, world size 1 in this process (gloo over
   tcp://127.0.0.1) and world size 2 under torchrun with DDP
   (tests/scripts/train_zero_redundancy.py), where the inner optimizer holds half the params;
-- user wrappers whose inner optimizer is no attribute of theirs (found while their step runs).
+- user wrappers whose inner optimizer is no attribute of theirs (found while their step runs);
+- SAM (sharpness-aware minimization), whose step moves the weights before calling its closure
+  and puts them back by assigning ``p.data``.
 
 Both ways of watching are covered where it matters: explicitly (``watch(model, outer)``: only the
 outer one is hooked) and every optimizer of the process (``watch(model)``: the global hooks
@@ -147,6 +149,79 @@ def test_user_wrapper_with_a_hidden_inner_optimizer_one_series(wrapper, explicit
         assert watch.optimizer_ref is opt
         assert h.session.errors.nonzero() == {}
     _INNER.clear()
+
+
+# ---- SAM: a wrapper whose step(closure) moves the weights before calling the closure ----
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization as the widely used implementation (davda54/sam) writes it:
+    ``step(closure)`` perturbs the weights along the gradient, re-evaluates the gradient there
+    with the closure, puts the weights back by assigning ``p.data`` and steps the base optimizer
+    (an attribute, sharing the param groups) with the perturbed-point gradient."""
+
+    def __init__(self, params, base_optimizer, rho: float, **kwargs) -> None:
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self, closure):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scale = self.param_groups[0]["rho"] / (torch.stack([g.norm() for g in grads]).norm())
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * scale)
+        with torch.enable_grad():
+            closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["watch_optimizer", "watch_all"])
+def test_sam_reports_the_gradient_and_update_the_step_applied(explicit):
+    """The gradient is the one the base optimizer applied (at the perturbed point, from the
+    closure); the update is theta after the step - theta before it (not from the perturbed
+    weights, and not from the tensors SAM's p.data assignment let go)."""
+    model = _net()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    with gradwatch.watch(model, opt if explicit else None, port=0, update_every=1) as h:
+        for step in range(1, len(SCALES) + 1):
+            gen = torch.Generator().manual_seed(step)
+            x = SCALES[step - 1] * torch.randn(8, 5, generator=gen)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()  # the gradient SAM perturbs along
+            at_start = [p.grad.detach().to(torch.float64).clone() for p in model.parameters()]
+            applied: list = []
+
+            def closure(x=x, applied=applied):
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                applied.append(
+                    [p.grad.detach().to(torch.float64).clone() for p in model.parameters()]
+                )
+                return loss
+
+            before = [p.detach().to(torch.float64).clone() for p in model.parameters()]
+            opt.step(closure)
+            after = [p.detach().to(torch.float64) for p in model.parameters()]
+            samples = parse(fetch(h.port))
+            _check(samples, step, applied[0], lr=0.1)
+            start = reference_stats(at_start)["grad_l2_norm"]
+            assert start != pytest.approx(reference_stats(applied[0])["grad_l2_norm"], rel=1e-3)
+            delta = [a - b for a, b in zip(after, before, strict=True)]
+            update = reference_stats(delta)["grad_l2_norm"]
+            assert update > 0
+            assert value(samples, "update_l2_norm") == pytest.approx(update, rel=REL), step
+            param = reference_stats(after)["grad_l2_norm"]
+            assert value(samples, "param_l2_norm") == pytest.approx(param, rel=REL), step
+        (watch,) = h.session.watches()
+        assert watch.optimizer_ref is opt
+        assert h.session.errors.nonzero() == {}
 
 
 # ---- world size 2: torchrun, DDP + ZeroRedundancyOptimizer ----
