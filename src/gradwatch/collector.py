@@ -277,6 +277,7 @@ class OptimizerWatch:
         self._suppressed_incidents = 0
         # parameter updates, sampled every config.update_every steps
         self._update_pending: tuple | None = None  # (step, layout, params, fp32 snapshots)
+        self._early_snaps: dict[int, torch.Tensor] | None = None  # see snapshot_before_closure
         self._update_inflight: tuple | None = None  # (step, layout, pinned host, event)
         self.latest_update: UpdateReadout | None = None
         # gradient noise scale (config.micro_batch_size): backward passes since the last step,
@@ -290,6 +291,9 @@ class OptimizerWatch:
         self._noise_n = 0
         self._ema_trace = 0.0
         self._ema_g2 = 0.0
+        # The watch (hence the hooks) starts at the first step, inside that step's window:
+        # the backward passes before it were not seen, so that window is not reported.
+        self._hooks_from_step = self.steps + 1
         if config.micro_batch_size is not None:
             if config.world_size > 1:  # B_big would need the ranks' samples: not done yet
                 log.warning(
@@ -360,7 +364,10 @@ class OptimizerWatch:
         if self.config.micro_batch_size is None or not self._grad_hooks:
             self._step_noise = None
             return
-        self._step_noise = (self._micro_batches, self._small_sumsq)
+        if self.steps > self._hooks_from_step:
+            self._step_noise = (self._micro_batches, self._small_sumsq)
+        else:  # e.g. a closure step: its own backward was counted, the window's earlier not
+            self._step_noise = None
         self._micro_batches, self._small_sumsq = 0, None
         self._backward_queued = False  # a backward that raised never ran its callback
 
@@ -417,6 +424,7 @@ class OptimizerWatch:
         (see :meth:`note_amp_skipped`), the same on fused and non-fused paths."""
         self.steps += 1
         self.closure_pending = False  # a closure that raised last step never collected
+        self._early_snaps = None
         try:
             self.poll()
         except Exception as exc:  # noqa: BLE001
@@ -440,10 +448,31 @@ class OptimizerWatch:
         try:
             self._update_pending = None  # an earlier step whose post hook never ran
             k = self.config.update_every
-            if sample_update and k and (self.steps - 1) % k == 0:
+            early = self._early_snaps is not None  # taken before the params could change
+            if (sample_update or early) and k and (self.steps - 1) % k == 0:
                 self._snapshot_params()
         except Exception as exc:  # noqa: BLE001
             self._update_pending = None
+            self.errors.record("collect", exc)
+        self._early_snaps = None
+
+    def snapshot_before_closure(self) -> None:
+        """Pre-step hook of a step with a closure that samples the update: theta_(t-1) of every
+        parameter of the optimizer, now. The step may move the weights before it calls the
+        closure (SAM perturbs them, then puts them back); which parameters have a gradient is
+        only known after the closure, when :meth:`_snapshot_params` picks theirs. Never raises."""
+        self._early_snaps = None
+        k = self.config.update_every
+        if not k or (self.steps - 1) % k:
+            return
+        try:
+            params = [p for g in self.optimizer_ref.param_groups for p in g["params"]]
+            local = distributed.local_view([p.detach() for p in params], "off").tensors
+            self._early_snaps = {
+                id(p): x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+                for p, x in zip(params, local, strict=True)
+            }
+        except Exception as exc:  # noqa: BLE001
             self.errors.record("collect", exc)
 
     def on_step(self, clip: ClipRecord | None = None) -> None:
@@ -725,14 +754,22 @@ class OptimizerWatch:
         if not params:
             return
         layout = self._layout_for(params, group_of)
-        # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
-        local = distributed.local_view([p.detach() for p in params], "off").tensors
-        snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
-        self._update_pending = (self.steps, layout, local, snaps)
+        early = self._early_snaps
+        if early is not None:  # taken at the pre-step hook of a closure step
+            snaps = [early.get(id(p)) for p in params]
+            if any(x is None for x in snaps):
+                return  # a parameter that was not in the param groups then
+        else:
+            # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
+            local = distributed.local_view([p.detach() for p in params], "off").tensors
+            snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
+        self._update_pending = (self.steps, layout, params, snaps)
 
     def _reduce_update(self, step, layout, params, snaps) -> None:
         """Post-step: snaps <- theta_(t-1) - theta_t in place (fp32 or wider), then one reduction
-        over [deltas..., params...] with the float64-accumulating kernels."""
+        over [deltas..., params...] with the float64-accumulating kernels. ``params`` are the
+        Parameters, read now: a step may have replaced their ``.data`` (SAM does)."""
+        params = distributed.local_view([p.detach() for p in params], "off").tensors
         with torch.no_grad():
             for s_, p in zip(snaps, params, strict=True):
                 s_.sub_(p.detach())

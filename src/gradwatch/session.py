@@ -249,6 +249,7 @@ class Session:
             watch.collect_step(self._take_clip(optimizer))
             return None
         watch.closure_pending = True
+        watch.snapshot_before_closure()
         return stacks.with_closure(args, kwargs, self._collecting(closure, watch, optimizer))
 
     def _collecting(self, closure, watch: OptimizerWatch, optimizer):
