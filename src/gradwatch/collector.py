@@ -854,9 +854,9 @@ class OptimizerWatch:
         self.poll()
         with self._lock:
             norms: tuple[float, ...] = ()
-            max_norm = math.nan
+            max_norm = self._max_norm  # since the last drain, also when not draining now
             if drain:
-                norms, max_norm = tuple(self._norms), self._max_norm
+                norms = tuple(self._norms)
                 self._norms, self._max_norm = [], math.nan
             return WatchSnapshot(
                 self.latest,

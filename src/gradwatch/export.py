@@ -332,8 +332,9 @@ class Exporter:
 
         return callback
 
-    def values(self, stat: Statistic) -> list[tuple[dict[str, str], float]]:
-        """The (labels, value) samples of one statistic right now."""
+    def values(self, stat: Statistic, pinned=None) -> list[tuple[dict[str, str], float]]:
+        """The (labels, value) samples of one statistic from the pinned snapshots (those of the
+        scrape in progress, or ``pinned``: [(optimizer index, WatchSnapshot)])."""
         session = self.session
         name = stat.prom_name
         if stat.scope == catalog.SELF:
@@ -343,7 +344,7 @@ class Exporter:
                 backends = ",".join(sorted(session.backend_names())) or "none"
                 return [({"version": __version__, "backend": backends}, 1.0)]
         out = []
-        for index, snap in self._pinned:
+        for index, snap in self._pinned if pinned is None else pinned:
             labels = {"optimizer": index}
             if name == "gradwatch_collect_seconds":
                 v = snap.collect_seconds

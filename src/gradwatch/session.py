@@ -575,6 +575,14 @@ class Handle:
         """Port of /metrics once the first optimizer step has started the endpoint, else 0."""
         return self.session.port if self.session is not None else 0
 
+    def latest(self):
+        """The statistics of the latest completed step, as a typed object
+        (:class:`gradwatch.values.Statistics`); never waits for the device."""
+        from .values import build
+
+        session = self.session if self.session is not None and not self.session.closed else None
+        return build(session)
+
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
