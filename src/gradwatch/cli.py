@@ -1,4 +1,8 @@
-"""Command line: ``gradwatch demo | catalog | dashboards``."""
+"""gradwatch: exact gradient statistics of PyTorch training on Prometheus /metrics.
+
+Commands: demo (a small training run with live /metrics), top (a live terminal view of
+endpoints), catalog (every metric and its formula), dashboards (Grafana dashboards and alert
+rules), readme (regenerate README's tables)."""
 
 from __future__ import annotations
 
@@ -17,13 +21,41 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    try:
+        from .top import run, ssl_context, targets_from
+    except ImportError as exc:  # rich is an optional extra
+        print(f"gradwatch top needs rich: pip install 'gradwatch[top]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        targets = targets_from(args.targets)
+    except (OSError, ValueError) as exc:
+        print(f"gradwatch top: cannot read targets: {exc}", file=sys.stderr)
+        return 2
+    if not targets:
+        print("gradwatch top: no targets (give URLs or a file_sd JSON file)", file=sys.stderr)
+        return 2
+    context = None
+    if any(t.startswith("https://") for t in targets):
+        try:
+            context = ssl_context(args.cacert, args.cert, args.key)
+        except (OSError, ValueError) as exc:
+            print(f"gradwatch top: cannot load TLS material: {exc}", file=sys.stderr)
+            return 2
+    return run(targets, args.interval, args.once, context, args.timeout)
+
+
 def _cmd_readme(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .docs import render
 
     path = Path(args.path)
-    old = path.read_text(encoding="utf-8")
+    try:
+        old = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"gradwatch readme: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
     new = render(old)
     if args.check:
         if new != old:
@@ -191,7 +223,9 @@ def _status_line(handle, step: int, steps: float, loss: float, stats) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradwatch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gradwatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small model on synthetic data with live /metrics")
@@ -222,6 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--amp", action="store_true", help="scale the loss with torch.amp.GradScaler")
     demo.set_defaults(func=_cmd_demo)
+
+    top = sub.add_parser(
+        "top",
+        help="live terminal view of gradwatch endpoints (Ctrl-C to quit)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    top.add_argument(
+        "targets",
+        nargs="*",
+        default=["http://127.0.0.1:9464/metrics"],
+        help="/metrics URLs, or a Prometheus file_sd JSON file (GRADWATCH_FILE_SD) for all ranks",
+    )
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    top.add_argument("--timeout", type=float, default=5.0, help="seconds per scrape")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--cacert", default=None, help="CA file for https targets")
+    top.add_argument("--cert", default=None, help="client certificate (mutual TLS)")
+    top.add_argument("--key", default=None, help="client key (mutual TLS)")
+    top.set_defaults(func=_cmd_top)
 
     cat = sub.add_parser("catalog", help="print every exported metric with its formula")
     cat.add_argument("--format", choices=("text", "markdown"), default="text")
