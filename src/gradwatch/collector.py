@@ -249,7 +249,8 @@ class OptimizerWatch:
         self._backends: dict[torch.device, Backend] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._inflight: deque[_InFlight] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # counters and latest: held briefly
+        self._publish_lock = threading.RLock()  # one publisher at a time, in step order
         self.steps = 0  # optimizer.step() calls seen
         self.collected_steps = 0
         self.nonfinite_steps = 0
@@ -808,7 +809,20 @@ class OptimizerWatch:
             self.latest_update = readout
 
     def poll(self) -> None:
-        """Publish every in-flight result whose copy has completed; never blocks."""
+        """Publish every in-flight result whose copy has completed; never blocks.
+
+        The training thread and scrape threads all poll; one at a time publishes (the others
+        return at once: the one holding the lock publishes what they would have), so results
+        are published in step order and the published state (latest, counters, noise EMAs,
+        incident log) changes in one thread at a time."""
+        if not self._publish_lock.acquire(blocking=False):
+            return
+        try:
+            self._poll_locked()
+        finally:
+            self._publish_lock.release()
+
+    def _poll_locked(self) -> None:
         while True:
             with self._lock:
                 if not self._inflight or not self._inflight[0].done.query():
@@ -881,6 +895,10 @@ class OptimizerWatch:
             time.sleep(0.001)
 
     def _publish(self, step, layout, partials, numel, context, local=None) -> None:
+        with self._publish_lock:  # reentrant: poll() already holds it
+            self._publish_locked(step, layout, partials, numel, context, local)
+
+    def _publish_locked(self, step, layout, partials, numel, context, local=None) -> None:
         if context.get("found_inf"):  # fused GradScaler path: this step is skipped
             with self._lock:
                 self.amp_skipped_steps += 1
