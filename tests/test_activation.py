@@ -207,3 +207,81 @@ def test_autostart_runs_once_per_process():
         env=_env(GRADWATCH="1", GRADWATCH_EVERY="abc"),
     )
     assert out.returncode == 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+_PROBE = """
+import json, sys, torch
+def loaded():
+    return {
+        "dynamo": "torch._dynamo" in sys.modules,
+        "otel": any(m.startswith("opentelemetry") for m in sys.modules),
+        "session": "gradwatch.session" in sys.modules,
+    }
+before = loaded()
+model = torch.nn.Linear(3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+model(torch.ones(2, 3)).sum().backward()
+torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # the first step's clip is seen
+opt.step()
+import gradwatch.session as s
+import urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{s._SESSION.port}/metrics").read().decode()
+pre = [ln for ln in text.splitlines() if ln.startswith("grad_preclip_l2_norm{")]
+print(json.dumps({"before": before, "after": loaded(), "port": s._SESSION.port, "pre": pre}))
+"""
+
+
+def test_armed_no_code_mode_costs_nothing_until_the_first_step():
+    """GRADWATCH=1: importing torch builds no session, imports neither dynamo nor OpenTelemetry
+    (a spawned DataLoader worker pays nothing); the first step starts everything, and the clip
+    before it is still attached to it."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        env=_env(GRADWATCH="1", GRADWATCH_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] == {"dynamo": False, "otel": False, "session": False}
+    assert got["after"]["session"] and got["after"]["otel"] and got["port"] > 0
+    # (dynamo is loaded "after": torch.optim.Optimizer.__init__ imports it itself)
+    assert len(got["pre"]) == 1, got  # the clip called before the session existed
+
+
+def test_first_run_lines_start_end_and_no_step_warning():
+    """One line with the real URL when /metrics starts, one at exit; a process that imports
+    torch and never steps gets one warning (a DataLoader worker would not: it is a child)."""
+    out = subprocess.run(
+        [sys.executable, SCRIPT],
+        env=_env(GRADWATCH="1", GRADWATCH_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("gradwatch")]
+    assert len(lines) == 2, lines
+    start = re.fullmatch(
+        r"gradwatch: watching every optimizer \(no-code mode\); statistics on"
+        r" http://127\.0\.0\.1:(\d+)/metrics",
+        lines[0],
+    )
+    assert start and int(start.group(1)) > 0, lines[0]  # the real port, not 0
+    assert lines[1].startswith(f"gradwatch: stopped http://127.0.0.1:{start.group(1)}/metrics")
+    assert "4 optimizer steps, 4 collected" in lines[1]
+    idle = (
+        "import gradwatch.activation as a; a.NO_STEP_WARNING_S = 0.5\n"
+        "import time, torch\ntime.sleep(2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", idle],
+        env=_env(GRADWATCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    warned = [ln for ln in out.stderr.splitlines() if "no optimizer has stepped" in ln]
+    assert len(warned) == 1, out.stderr

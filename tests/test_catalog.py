@@ -65,10 +65,12 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
     """The exporter derives each Prometheus name from otel_name + unit: it must equal prom_name."""
     model, broken = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt_broken = torch.optim.SGD(broken.parameters(), lr=0.1)  # NaN grads: names them
+    sparse = torch.nn.Embedding(3, 2, sparse=True)  # a gradient no kernel reads: counted
+    # NaN grads: names them
+    opt_broken = torch.optim.SGD([*broken.parameters(), *sparse.parameters()], lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     with gradwatch.watch(
-        [model, broken],
+        [model, broken, sparse],
         [opt, opt_broken],
         port=0,
         per_param=True,
@@ -86,6 +88,7 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
             opt.zero_grad()
         broken(torch.ones(1, 2)).sum().backward()
         broken.weight.grad[0, 0] = float("nan")
+        sparse(torch.tensor([0])).sum().backward()
         opt_broken.step()
         h.session.errors.record("probe", RuntimeError("test"))  # makes errors_total appear
         text = fetch(h.port)

@@ -46,7 +46,8 @@ def test_bad_value_names_variable_value_and_accepted(name, raw):
         from_env({name: raw})
     msg = str(info.value)
     assert name in msg and "accepted:" in msg and "\n" not in msg
-    assert repr(raw) in msg
+    assert (repr(raw) if len(repr(raw)) <= 80 else repr(raw)[:60]) in msg
+    assert len(msg) < 400  # a long value is cut, not echoed in full
 
 
 def test_defaults_and_good_values():

@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "watch"]
+__all__ = ["__version__", "latest", "watch"]
 
 if TYPE_CHECKING:
     from .session import Handle
+    from .values import Statistics
 
 
 def watch(model: Any = None, optimizer: Any = None, **settings: Any) -> Handle:
@@ -41,3 +42,21 @@ def watch(model: Any = None, optimizer: Any = None, **settings: Any) -> Handle:
     from .session import watch as _watch
 
     return _watch(model, optimizer, **settings)
+
+
+def latest() -> Statistics:
+    """The latest statistics of this process's session (no-code mode or ``watch()``), as a
+    typed object; empty (``step`` None) before the first collected step or when off.
+
+    Example::
+
+        import gradwatch
+        stats = gradwatch.latest()
+        if stats.step is not None:
+            print(stats.step, stats.get("grad_l2_norm", optimizer="0"))
+    """
+    from . import session
+    from .values import build
+
+    current = session._SESSION
+    return build(current if current is not None and not current.closed else None)

@@ -9,13 +9,12 @@ step pre-hook. The endpoint starts at the first optimizer step (see :mod:`gradwa
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
+import threading
 import types
 
 from .config import FALSE_WORDS, SettingError, from_env
+from .imports import after_import
 
 
 def wanted(value: str | None) -> bool:
@@ -43,56 +42,130 @@ def autostart() -> None:
         return
     if not config.enabled:
         return
-    if "torch" in sys.modules:
-        _start()
-    else:
-        sys.meta_path.insert(0, _TorchImportWatcher())
+    after_import("torch", _start)
 
 
-def _start() -> None:
+def _start(_torch: types.ModuleType | None = None) -> None:
     try:
-        from .session import start_from_env
-
-        start_from_env()
+        arm()
     except Exception as exc:  # noqa: BLE001
         print(f"gradwatch: could not start ({exc!r}); training goes on", file=sys.stderr)
 
 
-class _NotifyingLoader(importlib.abc.Loader):
-    """Delegates to torch's own loader, then starts gradwatch once torch is fully imported."""
+# ---- armed: hooks in place, no session yet ----
+# A process that never steps an optimizer (a spawned DataLoader worker, a tool that imports
+# torch) pays only for these few wrappers: the session (numpy, the kernels, OpenTelemetry) is
+# built at the first call of any of them, which then forwards to it.
 
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        module.__spec__.loader = self._inner  # leave no trace on torch's module spec
-        self._inner.exec_module(module)
-        _start()
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
+_armed = False
+_hooks = None  # the HookSet of the two global dispatchers
+_CLIP_FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
+_originals: list[tuple[object, str, object]] = []  # (owner, attribute, original)
 
 
-class _TorchImportWatcher(importlib.abc.MetaPathFinder):
-    """Waits for ``import torch`` (by anyone), then removes itself."""
+def armed() -> bool:
+    """No-code mode is waiting for the first step (or has started its session)."""
+    return _armed
 
-    def __init__(self) -> None:
-        self._searching = False
 
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "torch" or self._searching:
-            return None
-        self._searching = True
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._searching = False
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _NotifyingLoader(spec.loader)
-        return spec
+def arm() -> None:
+    """Register the global step dispatchers and the triggers; called once torch is imported."""
+    global _armed, _hooks
+    if _armed:
+        return
+    _armed = True
+    import torch
+    from torch.nn.utils import clip_grad
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    from .hooks import HookSet
+
+    _hooks = HookSet()
+    _hooks.add(register_optimizer_step_pre_hook, _pre_step)
+    _hooks.add(register_optimizer_step_post_hook, _post_step)
+    for name in _CLIP_FUNCTIONS:
+        original = getattr(torch.nn.utils, name, None)
+        if original is None:
+            continue
+        for owner in (torch.nn.utils, clip_grad):
+            if getattr(owner, name, None) is original:
+                _trigger(owner, name, original, owner)
+    _trigger(torch.amp.GradScaler, "step", torch.amp.GradScaler.step, torch.amp.GradScaler)
+    for module_name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
+        after_import(module_name, lambda _m: session())
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:  # not in DataLoader or other worker processes
+        timer = threading.Timer(NO_STEP_WARNING_S, _warn_if_no_step)
+        timer.daemon = True
+        timer.start()
+
+
+NO_STEP_WARNING_S = 300.0  # one line if no optimizer has stepped this long after torch import
+
+
+def _warn_if_no_step() -> None:
+    if _started:
+        return
+    print(
+        f"gradwatch: GRADWATCH=1 but no optimizer has stepped in {NO_STEP_WARNING_S:.0f} s, so"
+        " /metrics is not up yet; if this process trains, its optimizer is not a torch.optim"
+        " Optimizer that gradwatch hooks (README, Training stacks)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _trigger(owner, name: str, original, lookup) -> None:
+    """Replace ``owner.name`` by a function that starts the session, then calls what the
+    session put there (its own wrapper of ``original``)."""
+
+    def start_then_call(*args, **kwargs):
+        session()
+        return getattr(lookup, name)(*args, **kwargs)
+
+    start_then_call.__wrapped__ = original  # type: ignore[attr-defined]
+    start_then_call.__name__ = getattr(original, "__name__", name)
+    start_then_call.__doc__ = getattr(original, "__doc__", None)
+    _originals.append((owner, name, original))
+    setattr(owner, name, start_then_call)
+
+
+def _disarm_triggers() -> None:
+    while _originals:
+        owner, name, original = _originals.pop()
+        setattr(owner, name, original)
+
+
+_started = False
+
+
+def session():
+    """The no-code session, built at the first trigger; None if it is off or closed."""
+    global _started
+    from . import session as session_module
+
+    if not _started:
+        _started = True
+        _disarm_triggers()  # the session wraps the real functions, not the triggers
+        return session_module.start_from_env(global_hooks=False)
+    current = session_module._SESSION
+    return current if current is not None and not current.closed else None
+
+
+def _pre_step(optimizer, args, kwargs):
+    s = session()
+    if s is None or s.closed:
+        return None
+    return s._pre_step_hook(optimizer, args, kwargs)
+
+
+def _post_step(optimizer, args, kwargs):
+    from . import session as session_module
+
+    s = session_module._SESSION
+    if s is not None and not s.closed:
+        s._post_step_hook(optimizer, args, kwargs)

@@ -157,7 +157,8 @@ CATALOG: tuple[Statistic, ...] = (
         GLOBAL,
         f"Total L2 norm of the gradients: {_L2}; the total norm torch.nn.utils.clip_grad_norm_"
         " computes, taken at the optimizer step, i.e. after any clipping the loop did"
-        " (then min(pre-clip norm, max_norm)).",
+        " (then min(pre-clip norm, max_norm) up to the rounding of the scaled gradients to"
+        " their dtype: bf16 gradients clipped to 1.0 can read 1.002, exactly their norm).",
         lambda a: math.sqrt(a.sumsq.sum()),
     ),
     _magnitude(
@@ -299,7 +300,8 @@ CATALOG: tuple[Statistic, ...] = (
         instrument="gauge",
         unit="{step}",
         formula="Optimizer step that the grad_* gauges belong to: number of optimizer.step()"
-        " calls so far, this one included.",
+        " calls so far, this one included; steps GradScaler (or DeepSpeed) skipped take a"
+        " number too, on fused and non-fused paths alike.",
         scope=GLOBAL,
         across_tensors="-",
         across_ranks="identical on every rank",
@@ -458,10 +460,13 @@ CATALOG: tuple[Statistic, ...] = (
         instrument="gauge",
         unit="{gradient}",
         formula="Total L2 norm of the gradients before clipping: the norm"
-        " torch.nn.utils.clip_grad_norm_ (norm_type 2) returned in the collected step (its last"
-        " call before the step); absent in steps the loop did not clip.",
+        " torch.nn.utils.clip_grad_norm_ (norm_type 2) returned, or the one passed to"
+        " torch.nn.utils.clip_grads_with_norm_, in the collected step (the last call before"
+        " the step); under DeepSpeed ZeRO the norm DeepSpeed clipped with. Absent in steps the"
+        " loop did not clip.",
         scope=TRAINING,
-        across_tensors="computed by clip_grad_norm_ (foreach norms, stacked, norm of norms)",
+        across_tensors="computed by the clip (clip_grad_norm_: foreach norms, stacked, norm of"
+        " norms)",
         across_ranks="as clip_grad_norm_ computed it on the rank",
     ),
     Statistic(
@@ -469,19 +474,33 @@ CATALOG: tuple[Statistic, ...] = (
         prom_name="grad_clip_coefficient_ratio",
         instrument="gauge",
         unit="1",
-        formula="Clipping coefficient clip_grad_norm_ applied in the collected step:"
+        formula="Clipping coefficient the clip applied in the collected step:"
         " min(1, max_norm / (grad_preclip_l2_norm + 1e-6)), evaluated in float64; 1 means not"
-        " clipped. Absent in steps the loop did not clip.",
+        " clipped. Absent in steps the loop did not clip and in steps whose pre-clip norm was"
+        " NaN/Inf (see grad_preclip_nonfinite_steps_total).",
         scope=TRAINING,
         across_tensors="-",
         across_ranks="as clip_grad_norm_ computed it on the rank",
+    ),
+    Statistic(
+        otel_name="grad.preclip_nonfinite_steps",
+        prom_name="grad_preclip_nonfinite_steps_total",
+        instrument="counter",
+        unit="{step}",
+        formula="Collected steps whose pre-clip norm (what the clip returned or was given) was"
+        " NaN or +/-Inf: the clip then scaled the gradients by 0 or NaN, so the post-clip"
+        " grad_* values of those steps describe the clip's output, not the gradients; the"
+        " step has no grad_preclip_l2_norm and no grad_clip_coefficient_ratio.",
+        scope=TRAINING,
+        across_tensors="-",
+        across_ranks="per rank",
     ),
     Statistic(
         otel_name="grad.clipped_steps",
         prom_name="grad_clipped_steps_total",
         instrument="counter",
         unit="{step}",
-        formula="Collected steps in which clip_grad_norm_ scaled the gradients down"
+        formula="Collected steps in which the clip scaled the gradients down"
         " (grad_clip_coefficient_ratio < 1).",
         scope=TRAINING,
         across_tensors="-",
@@ -633,6 +652,18 @@ CATALOG: tuple[Statistic, ...] = (
         scope=TRAINING,
         across_tensors="-",
         across_ranks="identical on every rank",
+    ),
+    Statistic(
+        otel_name="grad.unreduced_tensors",
+        prom_name="grad_unreduced_tensors",
+        instrument="gauge",
+        unit="{tensor}",
+        formula="Parameter tensors of the collected step whose gradient gradwatch cannot reduce"
+        " (sparse, complex or meta gradients, named once in the log): left out of every other"
+        " grad_* statistic of the step. Absent when there are none.",
+        scope=TRAINING,
+        across_tensors="count",
+        across_ranks="per rank",
     ),
     # ---- gradient noise scale (issue 6): needs GRADWATCH_MICRO_BATCH_SIZE ----
     Statistic(

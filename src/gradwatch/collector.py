@@ -34,10 +34,12 @@ from .kernels.dispatch import Backend, select_backend
 
 log = logging.getLogger("gradwatch")
 
+_REDUCIBLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_STRIDED = torch.strided
 RING_SLOTS = 2  # results in flight per device before a new sample is dropped
 NONFINITE_NAMES = 5  # params named in grad_nonfinite_param_info and the incident log line
 INCIDENT_LOG_INTERVAL_S = 60.0  # at most one non-finite incident line per this many seconds
-PENDING_NORMS = 1 << 16  # per-step norms kept for the histogram between two scrapes
+PENDING_NORMS = 1 << 16  # per-step norms held between scrapes before they go to the histogram
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,8 @@ class Readout:
     @functools.cached_property
     def clip_coefficient(self) -> float:
         norm, max_norm = self.context.get("preclip_norm"), self.context.get("clip_max_norm")
-        if norm is None or max_norm is None or math.isnan(norm):
-            return math.nan
+        if norm is None or max_norm is None or not math.isfinite(norm):
+            return math.nan  # a NaN/Inf pre-clip norm: counted, never shown as a coefficient
         return min(1.0, max_norm / (norm + 1e-6))  # as clip_grad_norm_ computes it
 
     @functools.cached_property
@@ -151,6 +153,7 @@ class WatchSnapshot:
     dropped_steps: int
     collect_seconds: float
     clipped_steps: int = 0
+    preclip_nonfinite_steps: int = 0
     max_norm_since_last: float = math.nan
     norms_since_last: tuple[float, ...] = ()
     update: UpdateReadout | None = None
@@ -246,24 +249,36 @@ class OptimizerWatch:
         self._backends: dict[torch.device, Backend] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._inflight: deque[_InFlight] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # counters and latest: held briefly
+        self._publish_lock = threading.RLock()  # one publisher at a time, in step order
         self.steps = 0  # optimizer.step() calls seen
         self.collected_steps = 0
         self.nonfinite_steps = 0
         self.amp_skipped_steps = 0
         self.dropped_steps = 0
         self.clipped_steps = 0
+        self.preclip_nonfinite_steps = 0
         self.collect_seconds = math.nan
         self.latest: Readout | None = None
         self.last_nonfinite: Readout | None = None
         self.backend_names: set[str] = set()
         self.scaler = None  # the GradScaler whose step() called this optimizer (set by session)
-        self._norms: deque[float] = deque(maxlen=PENDING_NORMS)  # finite per-step norms
+        # optimizers this one wraps (their own steps are not reported: see stacks.wrapped)
+        self.inner_optimizers: list[torch.optim.Optimizer] = []
+        self.closure_pending = False  # step(closure) began; collect after the closure's first call
+        self._unreduced_now = 0  # gradients of the last listing no kernel can read
+        self._unreduced_logged: set[int] = set()
+        self._norms: list[float] = []  # finite per-step norms since the last scrape
+        self._max_norm = math.nan  # their max (kept when a full list is handed over early)
+        # Receives the norms when PENDING_NORMS pile up between scrapes (the exporter's
+        # histogram): no finite step is ever dropped from it.
+        self.norm_sink: Callable[[str, Sequence[float]], None] | None = None
         self._was_nonfinite = False
         self._last_incident = -math.inf
         self._suppressed_incidents = 0
         # parameter updates, sampled every config.update_every steps
         self._update_pending: tuple | None = None  # (step, layout, params, fp32 snapshots)
+        self._early_snaps: dict[int, torch.Tensor] | None = None  # see snapshot_before_closure
         self._update_inflight: tuple | None = None  # (step, layout, pinned host, event)
         self.latest_update: UpdateReadout | None = None
         # gradient noise scale (config.micro_batch_size): backward passes since the last step,
@@ -277,6 +292,9 @@ class OptimizerWatch:
         self._noise_n = 0
         self._ema_trace = 0.0
         self._ema_g2 = 0.0
+        # The watch (hence the hooks) starts at the first step, inside that step's window:
+        # the backward passes before it were not seen, so that window is not reported.
+        self._hooks_from_step = self.steps + 1
         if config.micro_batch_size is not None:
             if config.world_size > 1:  # B_big would need the ranks' samples: not done yet
                 log.warning(
@@ -337,7 +355,7 @@ class OptimizerWatch:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        sums = [self._backend(d).partials(gs)[:, SUMSQ].sum() for d, gs in by_device.items()]
+        sums = [self._backend(d).reduce(gs)[:, SUMSQ].sum() for d, gs in by_device.items()]
         if len(sums) == 1:
             return sums[0]
         return torch.stack([x.to("cpu") for x in sums]).sum()  # several devices: rare, syncs
@@ -347,7 +365,10 @@ class OptimizerWatch:
         if self.config.micro_batch_size is None or not self._grad_hooks:
             self._step_noise = None
             return
-        self._step_noise = (self._micro_batches, self._small_sumsq)
+        if self.steps > self._hooks_from_step:
+            self._step_noise = (self._micro_batches, self._small_sumsq)
+        else:  # e.g. a closure step: its own backward was counted, the window's earlier not
+            self._step_noise = None
         self._micro_batches, self._small_sumsq = 0, None
         self._backward_queued = False  # a backward that raised never ran its callback
 
@@ -397,16 +418,28 @@ class OptimizerWatch:
             ctx["noise_scale"] = trace / g2 if g2 > 0 and trace > 0 else math.nan
 
     # ---- training thread ----
-    def on_step(self, clip: ClipRecord | None = None) -> None:
-        """Pre-step hook body: never raises."""
+    def begin_step(self) -> None:
+        """First half of a step (its pre-step hook): count it and publish finished device work.
+
+        The step number is the count of ``step()`` calls, applied or skipped by GradScaler
+        (see :meth:`note_amp_skipped`), the same on fused and non-fused paths."""
         self.steps += 1
+        self.closure_pending = False  # a closure that raised last step never collected
+        self._early_snaps = None
+        try:
+            self.poll()
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("readout", exc)
+
+    def collect_step(self, clip: ClipRecord | None = None, sample_update: bool = True) -> None:
+        """Second half: the gradients the step will apply are final. At the pre-step hook
+        without a closure; after the closure's first call with one. Never raises."""
         try:
             self._take_window()
         except Exception as exc:  # noqa: BLE001
             self._step_noise = None
             self.errors.record("collect", exc)
         try:
-            self.poll()
             if (self.steps - 1) % self.config.every == 0:
                 t0 = time.perf_counter()
                 self._collect(clip)
@@ -416,11 +449,37 @@ class OptimizerWatch:
         try:
             self._update_pending = None  # an earlier step whose post hook never ran
             k = self.config.update_every
-            if k and (self.steps - 1) % k == 0:
+            early = self._early_snaps is not None  # taken before the params could change
+            if (sample_update or early) and k and (self.steps - 1) % k == 0:
                 self._snapshot_params()
         except Exception as exc:  # noqa: BLE001
             self._update_pending = None
             self.errors.record("collect", exc)
+        self._early_snaps = None
+
+    def snapshot_before_closure(self) -> None:
+        """Pre-step hook of a step with a closure that samples the update: theta_(t-1) of every
+        parameter of the optimizer, now. The step may move the weights before it calls the
+        closure (SAM perturbs them, then puts them back); which parameters have a gradient is
+        only known after the closure, when :meth:`_snapshot_params` picks theirs. Never raises."""
+        self._early_snaps = None
+        k = self.config.update_every
+        if not k or (self.steps - 1) % k:
+            return
+        try:
+            params = [p for g in self.optimizer_ref.param_groups for p in g["params"]]
+            local = distributed.local_view([p.detach() for p in params], "off").tensors
+            self._early_snaps = {
+                id(p): x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+                for p, x in zip(params, local, strict=True)
+            }
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+
+    def on_step(self, clip: ClipRecord | None = None) -> None:
+        """A step without a closure: both halves at once."""
+        self.begin_step()
+        self.collect_step(clip)
 
     def on_step_post(self) -> None:
         """Post-step hook body: difference the sampled step's snapshot; never raises."""
@@ -433,7 +492,13 @@ class OptimizerWatch:
             self.errors.record("collect", exc)
 
     def note_amp_skipped(self) -> None:
-        """GradScaler skipped optimizer.step() (non-fused path): the hook never fired."""
+        """GradScaler skipped optimizer.step() (non-fused path): the hook never fired. The
+        call still takes a step number, as it does on the fused path (where step() runs)."""
+        self.steps += 1
+        self.count_skipped()
+
+    def count_skipped(self) -> None:
+        """A step whose gradients were not applied (loss-scale overflow)."""
         with self._lock:
             self.amp_skipped_steps += 1
         self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
@@ -502,19 +567,41 @@ class OptimizerWatch:
         params: list[torch.nn.Parameter] = []
         grads: list[torch.Tensor] = []
         group_of: list[int] = []
+        unreduced = 0
         for gi, group in enumerate(self.optimizer_ref.param_groups):
             for p in group["params"]:
                 g = p.grad
                 if g is not None:
+                    if g.dtype not in _REDUCIBLE_DTYPES or g.layout is not _STRIDED or g.is_meta:
+                        unreduced += 1
+                        self._note_unreduced(p, g)
+                        continue
                     params.append(p)
                     grads.append(g)
                     group_of.append(gi)
+        self._unreduced_now = unreduced
         if grads and any(g.device != grads[0].device for g in grads):
             order = sorted(range(len(grads)), key=lambda i: str(grads[i].device))
             params = [params[i] for i in order]
             grads = [grads[i] for i in order]
             group_of = [group_of[i] for i in order]
         return params, grads, group_of
+
+    def _note_unreduced(self, p: torch.nn.Parameter, g: torch.Tensor) -> None:
+        """One log line per parameter whose gradient no kernel can read; the rest is reported."""
+        if id(p) in self._unreduced_logged:
+            return
+        self._unreduced_logged.add(id(p))
+        if self._names is None:
+            self._names = self._name_source()
+        kind = "sparse" if g.layout is not _STRIDED else "meta" if g.is_meta else str(g.dtype)
+        log.warning(
+            "gradwatch: optimizer %s: the %s gradient of %s cannot be reduced; it is left out of"
+            " the statistics and counted in grad_unreduced_tensors (training goes on)",
+            self.index,
+            kind,
+            self._names.get(id(p)) or f"a {tuple(p.shape)} parameter",
+        )
 
     def _context(self, clip: ClipRecord | None):
         """Per-step values of the loop: host floats, and device tensors to copy with the partials.
@@ -547,8 +634,15 @@ class OptimizerWatch:
         if clip is not None:
             put("preclip_norm", clip.norm)
             host["clip_max_norm"] = clip.max_norm
-        for i, group in enumerate(opt.param_groups):
+        groups = opt.param_groups
+        if self.inner_optimizers and not any("lr" in g for g in groups):
+            # a container without learning rates of its own (torchtitan's OptimizersContainer):
+            # its inner optimizers' groups, numbered in order
+            groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
+        for i, group in enumerate(groups):
             put(f"lr:{i}", group.get("lr"))
+        if self._unreduced_now:
+            host["unreduced_tensors"] = float(self._unreduced_now)
         if self._step_noise is not None:
             k, small = self._step_noise
             if k:
@@ -570,26 +664,42 @@ class OptimizerWatch:
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         if len(by_device) == 1 and device.type == "cuda":
-            self._launch_cuda(device, grads, layout, numel, context, device_values, view.owned)
+            backend = self._backend(device)
+            self._launch_cuda(
+                device,
+                lambda: backend.reduce(grads),
+                layout,
+                numel,
+                context,
+                device_values,
+                view.owned,
+            )
             return
-        parts = [self._backend(d).partials(gs).to("cpu") for d, gs in by_device.items()]
+        parts = [self._backend(d).reduce(gs).to("cpu") for d, gs in by_device.items()]
         local = torch.cat(parts) if len(parts) > 1 else parts[0]
         for key, t in device_values:  # this path already copies to the host synchronously
             context[key] = float(t)
+        self._publish_host(local, layout, numel, context, view.owned if view.combine else None)
+
+    def _publish_host(self, local, layout, numel, context, owned=None) -> None:
+        """Publish CPU partials of this step, combined across ranks first if ``owned`` is given
+        (one small gloo all-reduce pair; waiting for it on the CPU is cheap)."""
         host = local.numpy().reshape(-1, N_PARTIALS)
-        if view.combine:
-            # CPU partials: one small gloo all-reduce pair; waiting for it on the CPU is cheap.
-            result, works = distributed.start_combine(local, view.owned)
-            for work in works:
-                work.wait()
-            combined = distributed.finish_combine(result).numpy()
-            self._publish(self.steps, layout, combined, numel, context, local=host)
-        else:
+        if owned is None:
             self._publish(self.steps, layout, host, numel, context)
+            return
+        result, works = distributed.start_combine(local, owned)
+        for work in works:
+            work.wait()
+        combined = distributed.finish_combine(result).numpy()
+        self._publish(self.steps, layout, combined, numel, context, local=host)
 
     def _launch_cuda(
-        self, device, grads, layout, numel, context, device_values, owned=None
+        self, device, reduce, layout, numel, context, device_values, owned=None
     ) -> None:
+        """``reduce()`` gives the [T, 6] partials (launched on the side stream, which waits for
+        the main one); they are combined across ranks if ``owned`` is given, then copied to
+        pinned memory and read by :meth:`poll` once their event completes."""
         with self._lock:
             if len(self._inflight) >= RING_SLOTS:
                 self.dropped_steps += 1
@@ -601,12 +711,11 @@ class OptimizerWatch:
         stream.wait_stream(
             main
         )  # read grads only once their producer (maybe FSDP's stream) is done
-        backend = self._backend(device)
-        t = len(grads)
+        t = len(layout.names)
         k = len(device_values)
         combine = owned is not None
         with torch.cuda.stream(stream):
-            partials = backend.partials(grads)
+            partials = reduce()
             if k:
                 extra = torch.stack(
                     [v.reshape(()).to(device, torch.float64) for _, v in device_values]
@@ -646,14 +755,22 @@ class OptimizerWatch:
         if not params:
             return
         layout = self._layout_for(params, group_of)
-        # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
-        local = distributed.local_view([p.detach() for p in params], "off").tensors
-        snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
-        self._update_pending = (self.steps, layout, local, snaps)
+        early = self._early_snaps
+        if early is not None:  # taken at the pre-step hook of a closure step
+            snaps = [early.get(id(p)) for p in params]
+            if any(x is None for x in snaps):
+                return  # a parameter that was not in the param groups then
+        else:
+            # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
+            local = distributed.local_view([p.detach() for p in params], "off").tensors
+            snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
+        self._update_pending = (self.steps, layout, params, snaps)
 
     def _reduce_update(self, step, layout, params, snaps) -> None:
         """Post-step: snaps <- theta_(t-1) - theta_t in place (fp32 or wider), then one reduction
-        over [deltas..., params...] with the float64-accumulating kernels."""
+        over [deltas..., params...] with the float64-accumulating kernels. ``params`` are the
+        Parameters, read now: a step may have replaced their ``.data`` (SAM does)."""
+        params = distributed.local_view([p.detach() for p in params], "off").tensors
         with torch.no_grad():
             for s_, p in zip(snaps, params, strict=True):
                 s_.sub_(p.detach())
@@ -667,7 +784,7 @@ class OptimizerWatch:
                     self.dropped_steps += 1
                     return
             # Main stream: the snapshots are freed after this launch, in stream order.
-            partials = self._backend(device).partials(tensors)
+            partials = self._backend(device).reduce(tensors)
             host = torch.empty(2 * t * N_PARTIALS, dtype=torch.float64, pin_memory=True)
             host.copy_(partials.reshape(-1), non_blocking=True)
             done = torch.cuda.Event()
@@ -678,7 +795,7 @@ class OptimizerWatch:
         parts = []
         for d in sorted(devices, key=str):
             idx = [i for i, x in enumerate(tensors) if x.device == d]
-            rows = self._backend(d).partials([tensors[i] for i in idx]).to("cpu").numpy()
+            rows = self._backend(d).reduce([tensors[i] for i in idx]).to("cpu").numpy()
             parts.append((idx, rows))
         out = np.empty((2 * t, N_PARTIALS), dtype=np.float64)
         for idx, rows in parts:
@@ -692,7 +809,20 @@ class OptimizerWatch:
             self.latest_update = readout
 
     def poll(self) -> None:
-        """Publish every in-flight result whose copy has completed; never blocks."""
+        """Publish every in-flight result whose copy has completed; never blocks.
+
+        The training thread and scrape threads all poll; one at a time publishes (the others
+        return at once: the one holding the lock publishes what they would have), so results
+        are published in step order and the published state (latest, counters, noise EMAs,
+        incident log) changes in one thread at a time."""
+        if not self._publish_lock.acquire(blocking=False):
+            return
+        try:
+            self._poll_locked()
+        finally:
+            self._publish_lock.release()
+
+    def _poll_locked(self) -> None:
         while True:
             with self._lock:
                 if not self._inflight or not self._inflight[0].done.query():
@@ -738,9 +868,10 @@ class OptimizerWatch:
         self.poll()
         with self._lock:
             norms: tuple[float, ...] = ()
+            max_norm = self._max_norm  # since the last drain, also when not draining now
             if drain:
                 norms = tuple(self._norms)
-                self._norms.clear()
+                self._norms, self._max_norm = [], math.nan
             return WatchSnapshot(
                 self.latest,
                 self.collected_steps,
@@ -749,7 +880,8 @@ class OptimizerWatch:
                 self.dropped_steps,
                 self.collect_seconds,
                 self.clipped_steps,
-                max(norms) if norms else math.nan,
+                self.preclip_nonfinite_steps,
+                max_norm,
                 norms,
                 self.latest_update,
                 self.last_nonfinite,
@@ -763,6 +895,10 @@ class OptimizerWatch:
             time.sleep(0.001)
 
     def _publish(self, step, layout, partials, numel, context, local=None) -> None:
+        with self._publish_lock:  # reentrant: poll() already holds it
+            self._publish_locked(step, layout, partials, numel, context, local)
+
+    def _publish_locked(self, step, layout, partials, numel, context, local=None) -> None:
         if context.get("found_inf"):  # fused GradScaler path: this step is skipped
             with self._lock:
                 self.amp_skipped_steps += 1
@@ -775,6 +911,8 @@ class OptimizerWatch:
             partials[:, MAXABS] /= scale
         readout = Readout(step, layout, partials, numel, context, local)
         clipped = readout.clip_coefficient < 1.0
+        preclip = context.get("preclip_norm")
+        preclip_nonfinite = preclip is not None and not math.isfinite(preclip)
         try:
             self._noise_update(readout)
         except Exception as exc:  # noqa: BLE001
@@ -786,9 +924,25 @@ class OptimizerWatch:
                 self.nonfinite_steps += 1
                 self.last_nonfinite = readout
             else:
-                self._norms.append(readout.total_norm)
+                norm = readout.total_norm
+                self._norms.append(norm)
+                if not norm <= self._max_norm:  # also when the max is still NaN
+                    self._max_norm = norm
             if clipped:
                 self.clipped_steps += 1
+            if preclip_nonfinite:
+                self.preclip_nonfinite_steps += 1
+            full = self._norms if len(self._norms) >= PENDING_NORMS else None
+            if full is not None:
+                if self.norm_sink is not None:
+                    self._norms = []
+                else:  # no exporter to hand them to: stay bounded
+                    del self._norms[: len(full) - PENDING_NORMS]
+        if full is not None and self.norm_sink is not None:
+            try:
+                self.norm_sink(self.index, full)
+            except Exception as exc:  # noqa: BLE001
+                self.errors.record("export", exc)
         self._log_incident(readout)
 
     def _log_incident(self, readout: Readout) -> None:

@@ -7,10 +7,17 @@ telemetry off; it never reaches the training loop.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
+import numbers
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+import re
+import socket
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -21,12 +28,39 @@ METRICS_EXPORTERS = ("prometheus", "otlp", "none")
 DEFAULT_PORT = 9464
 
 
+MAX_SHOWN = 80  # a value is cut to about this many characters in messages
+
+
+def shown(value: object) -> str:
+    """repr() of a value for a one-line message, cut when long (a 5 kB value is not echoed)."""
+    text = repr(value)
+    if len(text) <= MAX_SHOWN:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return text[: MAX_SHOWN - 3] + "..." + size
+
+
+def _message(name: str, value: object, accepted: str, problem: str) -> str:
+    what = f": {problem}" if problem else ""
+    return f"gradwatch: {name}={shown(value)} is not valid{what}; accepted: {accepted}"
+
+
 class SettingError(ValueError):
     """A setting has a value gradwatch cannot use. ``str()`` is the one-line explanation."""
 
-    def __init__(self, name: str, value: object, accepted: str) -> None:
-        self.name, self.value, self.accepted = name, value, accepted
-        super().__init__(f"gradwatch: {name}={value!r} is not valid; accepted: {accepted}")
+    def __init__(self, name: str, value: object, accepted: str, problem: str = "") -> None:
+        self.name, self.value, self.accepted, self.problem = name, value, accepted, problem
+        super().__init__(_message(name, value, accepted, problem))
+
+
+class TLSError(OSError):
+    """TLS material gradwatch cannot use (raised by :func:`tls_context`). An OSError, so that
+    the endpoint's start treats it like a port already taken: one log line, training goes on.
+    Settings validation turns it into a :class:`SettingError`."""
+
+    def __init__(self, name: str, value: object, accepted: str, problem: str) -> None:
+        self.name, self.value, self.accepted, self.problem = name, value, accepted, problem
+        super().__init__(_message(name, value, accepted, problem))
 
 
 @dataclass(frozen=True)
@@ -56,13 +90,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_HOST",
         "127.0.0.1",
-        "an IP address or host name",
-        "Interface `/metrics` binds to. `0.0.0.0` exposes it to the network (a warning is logged).",
+        "an IPv4 or IPv6 address, or a host name",
+        "Interface `/metrics` binds to. `0.0.0.0` or `::` exposes it to the network (a warning is"
+        " logged); an IPv6 address (`::1`) is served over IPv6. Numeric spellings that are not a"
+        " plain address (`0`, `0x0`, `127.1`, `0.0.0.00`) are refused: the system reads `0` as"
+        " 0.0.0.0.",
     ),
     Setting(
         "GRADWATCH_EVERY",
         "1",
-        "integer >= 1",
+        "integer from 1 to 10^9",
         "Collect every N-th optimizer step (steps 1, N+1, 2N+1, ...).",
     ),
     Setting(
@@ -81,13 +118,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_MAX_PARAMS",
         "500",
-        "integer >= 1",
+        "integer from 1 to 10^6",
         "Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
     ),
     Setting(
         "GRADWATCH_MAX_GROUPS",
         "100",
-        "integer >= 2",
+        "integer from 2 to 10^5",
         "Cap on `grad_group_*` groups; groups past it are merged into group `_overflow`, with a"
         " warning.",
     ),
@@ -106,7 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_UPDATE_EVERY",
         "0",
-        "integer >= 0 (0: off)",
+        "integer from 0 to 10^9 (0: off)",
         "Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
         " `update_*` and `param_*` statistics. Opt-in because it costs one fp32 copy of the"
         " parameters with gradients, held from the step's pre-hook to its post-hook (28 GB for"
@@ -115,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_MICRO_BATCH_SIZE",
         "unset (off)",
-        "integer >= 1",
+        "integer from 1 to 10^9",
         "Samples per micro-batch under gradient accumulation: turns on the gradient noise scale"
         " (`grad_noise_*`). gradwatch counts the backward passes between two optimizer steps"
         " (k) and reads the first one's gradient (B_small = this size) against the step's"
@@ -150,20 +187,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GRADWATCH_TLS_CERT",
         "unset",
-        "path of a readable PEM certificate (chain) file",
-        "Serve `/metrics` over HTTPS with this certificate.",
+        "path of a readable PEM certificate (chain) file, valid now",
+        "Serve `/metrics` over HTTPS with this certificate. Certificate, key and client CA are"
+        " loaded when the settings are read: a missing or unreadable file, an expired or not yet"
+        " valid certificate, a key that does not match it or is passphrase-protected (never"
+        " prompted for) is one line naming the variable, and telemetry is off.",
     ),
     Setting(
         "GRADWATCH_TLS_KEY",
         "unset (key inside the cert file)",
-        "path of a readable PEM private key file",
-        "Private key of the certificate.",
+        "path of a readable, unencrypted PEM private key file",
+        "Private key of the certificate; only with GRADWATCH_TLS_CERT.",
     ),
     Setting(
         "GRADWATCH_TLS_CLIENT_CA",
         "unset",
         "path of a readable PEM CA file",
-        "Mutual TLS: only clients with a certificate signed by this CA may scrape.",
+        "Mutual TLS: only clients with a certificate signed by this CA may scrape; only with"
+        " GRADWATCH_TLS_CERT (without it the setting is refused, never served as plain HTTP).",
     ),
     Setting(
         "GRADWATCH_DISTRIBUTED",
@@ -233,13 +274,16 @@ class Config:
     world_size: int = 1
 
     def with_overrides(self, **kw: object) -> Config:
-        """Apply explicit `watch()` arguments (None means: keep the env/default value)."""
-        kw = {k: v for k, v in kw.items() if v is not None}
-        if "groups" in kw:
-            kw["groups"] = normalize_groups(kw["groups"])  # type: ignore[arg-type]
-        cfg = replace(self, **kw)  # type: ignore[arg-type]
-        validate(cfg)
-        return cfg
+        """Apply explicit `watch()` arguments (None means: keep the env/default value).
+
+        Each argument goes through the same parser, with the same bounds, as its environment
+        variable (a string argument is read exactly like the variable's text); then the merged
+        settings get the same combination and TLS checks as :func:`from_env`."""
+        unknown = [k for k in kw if k not in FIELDS]
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        parsed = {k: FIELDS[k].parse(k, v) for k, v in kw.items() if v is not None}
+        return validate(replace(self, **parsed))  # type: ignore[arg-type]
 
     @property
     def per_param_here(self) -> bool:
@@ -253,6 +297,74 @@ class Config:
         return 0 if self.port == 0 else self.port + self.local_rank
 
 
+# ---- values: one parser per kind, for environment text and watch() arguments alike ----------
+
+_SPACE = "[ \t\r\n\f\v]*"  # ASCII whitespace only (str.strip() would take U+3000 too)
+_INT_RE = re.compile(f"{_SPACE}([+-]?[0-9]{{1,12}}){_SPACE}")
+_FLOAT_RE = re.compile(
+    f"{_SPACE}([+-]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)(?:[eE][+-]?[0-9]{{1,4}})?){_SPACE}"
+)
+
+
+def _int_accepted(lo: int, hi: int) -> str:
+    return f"an integer from {lo} to {hi}"
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """A Python integer (not a bool: True would be port 1) within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SettingError(name, value, _int_accepted(lo, hi))
+    number = int(value)
+    if not lo <= number <= hi:
+        raise SettingError(name, value, _int_accepted(lo, hi))
+    return number
+
+
+def parse_int(name: str, raw: str, lo: int, hi: int) -> int:
+    """Strict: optional sign, ASCII digits, surrounding whitespace; nothing else (`--5`, `+-3`,
+    `1_0`, `0x10`, `٣` are refused, never passed to int())."""
+    match = _INT_RE.fullmatch(raw)
+    if match is None:
+        raise SettingError(name, raw, _int_accepted(lo, hi))
+    value = int(match.group(1))
+    if not lo <= value <= hi:
+        raise SettingError(name, raw, _int_accepted(lo, hi))
+    return value
+
+
+def _float_accepted(lo: float, lo_inclusive: bool, hi: float | None) -> str:
+    if hi is not None:
+        return f"a number from {lo:g} to {hi:g}, {hi:g} excluded"
+    return f"a finite number {'>=' if lo_inclusive else '>'} {lo:g}"
+
+
+def check_float(
+    name: str, value: object, lo: float, lo_inclusive: bool, hi: float | None = None
+) -> float:
+    """A finite real number (not a bool) above lo and, when given, below hi."""
+    accepted = _float_accepted(lo, lo_inclusive, hi)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingError(name, value, accepted)
+    number = float(value)
+    ok = math.isfinite(number) and (number > lo or (lo_inclusive and number == lo))
+    if not ok or (hi is not None and number >= hi):
+        raise SettingError(name, value, accepted)
+    return number
+
+
+def parse_float(
+    name: str, raw: str, lo: float, lo_inclusive: bool, hi: float | None = None
+) -> float:
+    """Strict decimal notation (float() would also take `1_0`, `infinity`, other scripts)."""
+    match = _FLOAT_RE.fullmatch(raw)
+    if match is None:
+        raise SettingError(name, raw, _float_accepted(lo, lo_inclusive, hi))
+    try:
+        return check_float(name, float(match.group(1)), lo, lo_inclusive, hi)
+    except SettingError:
+        raise SettingError(name, raw, _float_accepted(lo, lo_inclusive, hi)) from None
+
+
 def parse_bool(name: str, raw: str) -> bool:
     word = raw.strip().lower()
     if word in TRUE_WORDS:
@@ -262,43 +374,102 @@ def parse_bool(name: str, raw: str) -> bool:
     raise SettingError(name, raw, ", ".join(TRUE_WORDS) + " or " + ", ".join(FALSE_WORDS))
 
 
-def parse_int(name: str, raw: str, lo: int, hi: int | None = None) -> int:
-    accepted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
-    text = raw.strip()
-    if not text.isascii() or not text.lstrip("+-").isdigit() or len(text) > 12:
-        raise SettingError(name, raw, accepted)
-    value = int(text)
-    if value < lo or (hi is not None and value > hi):
-        raise SettingError(name, raw, accepted)
-    return value
+def parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    word = raw.strip().lower()
+    if word not in choices:
+        raise SettingError(name, raw, ", ".join(choices))
+    return word
 
 
-def parse_float(name: str, raw: str, lo: float, lo_inclusive: bool) -> float:
-    accepted = f"a finite number {'>=' if lo_inclusive else '>'} {lo:g}"
-    try:
-        if not raw.isascii():  # float() would accept other scripts' digits
-            raise ValueError(raw)
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingError(name, raw, accepted) from None
-    if not math.isfinite(value) or value < lo or (value == lo and not lo_inclusive):
-        raise SettingError(name, raw, accepted)
-    return value
+_FILE_ACCEPTED = "the path of an existing, readable PEM file"
 
 
 def parse_file(name: str, raw: str) -> str:
     path = raw.strip()
-    if not path or not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise SettingError(name, raw, "the path of an existing, readable PEM file")
+    if not path or "\0" in path:
+        raise SettingError(name, raw, _FILE_ACCEPTED)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SettingError(name, raw, _FILE_ACCEPTED, exc.strerror or "cannot stat it") from None
+    if not stat.S_ISREG(mode):
+        raise SettingError(name, raw, _FILE_ACCEPTED, "not a regular file")
+    try:
+        with open(path, "rb") as f:  # a real read: os.access() says yes to root for mode 000
+            f.read(1)
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+        raise SettingError(name, raw, _FILE_ACCEPTED, problem) from None
     return path
 
 
+_HOST_ACCEPTED = (
+    "an IPv4 address (127.0.0.1, 0.0.0.0 for all interfaces), an IPv6 address (::1, :: for all"
+    " interfaces) or a host name"
+)
+_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+
+
 def parse_host(name: str, raw: str) -> str:
+    """An IP address (returned in its canonical spelling: `0::0` -> `::`, `[::1]` -> `::1`,
+    `::ffff:1.2.3.4` -> `1.2.3.4`) or a host name. Numeric spellings that are not a plain address
+    (`0`, `0x0`, `127.1`, `0.0.0.00`) are refused: the C library would read `0` as 0.0.0.0 and
+    bind every interface with no warning."""
     host = raw.strip()
-    ok = host and host.isascii() and all(c.isalnum() or c in ".-:_[]" for c in host)
-    if not ok or len(host) > 253:
-        raise SettingError(name, raw, "an IP address or host name such as 127.0.0.1 or 0.0.0.0")
-    return host.strip("[]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not host.isascii() or len(host) > 253:
+        raise SettingError(name, raw, _HOST_ACCEPTED)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return str(address)
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if _NUMERIC_LABEL_RE.fullmatch(labels[-1]):
+        problem = "a numeric spelling that is not a plain IPv4 or IPv6 address (ambiguous)"
+        raise SettingError(name, raw, _HOST_ACCEPTED, problem)
+    if not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise SettingError(name, raw, _HOST_ACCEPTED)
+    return host
+
+
+def is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def binds_all_interfaces(host: str) -> bool:
+    """True when binding ``host`` listens on every interface: 0.0.0.0, :: (any spelling, once
+    parsed by :func:`parse_host`), or a host name the system resolves to 0.0.0.0."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        pass
+    if not host:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # the bind will fail and say so
+    return any(ipaddress.ip_address(info[4][0]).is_unspecified for info in infos)
+
+
+def server_class(cls: type, host: str) -> type:
+    """``cls`` (a socketserver class, AF_INET) or its AF_INET6 twin when ``host`` is an IPv6
+    literal such as ``::1`` or ``::``."""
+    return _inet6_twin(cls) if is_ipv6(host) else cls
+
+
+@functools.cache
+def _inet6_twin(cls: type) -> type:
+    return type(cls.__name__ + "6", (cls,), {"address_family": socket.AF_INET6})
 
 
 _GROUPS_ACCEPTED = "comma-separated name=prefix pairs, e.g. host=host.,seed=seed. (name: letters,"
@@ -323,70 +494,42 @@ def parse_groups(name: str, raw: str) -> tuple[tuple[str, tuple[str, ...]], ...]
     return tuple(groups.items())
 
 
-def normalize_groups(groups: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def normalize_groups(
+    groups: object, name: str = "groups"
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Accept {"host": "host."} or {"host": ["host.", "stem."]} or the parsed tuple form."""
     if isinstance(groups, str):
-        return parse_groups("groups", groups)
-    items = groups.items() if isinstance(groups, Mapping) else groups
-    out = []
-    for label, prefixes in items:  # type: ignore[union-attr]
-        if isinstance(prefixes, str):
-            prefixes = (prefixes,)
-        out.append((str(label), tuple(str(p) for p in prefixes)))
+        return parse_groups(name, groups)
+    try:
+        items = list(groups.items() if isinstance(groups, Mapping) else groups)  # type: ignore
+        out = []
+        for label, prefixes in items:
+            if isinstance(prefixes, str):
+                prefixes = (prefixes,)
+            out.append((str(label), tuple(str(p) for p in prefixes)))
+    except (TypeError, ValueError):
+        raise SettingError(name, groups, _GROUPS_ACCEPTED) from None
     text = ",".join(f"{k}={'|'.join(v)}" for k, v in out)
-    return parse_groups("groups", text) if out else ()
+    return parse_groups(name, text) if out else ()
 
 
-def validate(cfg: Config) -> None:
-    """Checks for values given as Python arguments (env values are checked while parsing)."""
-    if not (isinstance(cfg.every, int) and cfg.every >= 1):
-        raise SettingError("every", cfg.every, "an integer >= 1")
-    if not (isinstance(cfg.port, int) and 0 <= cfg.port <= 65535):
-        raise SettingError("port", cfg.port, "an integer from 0 to 65535")
-    if not (isinstance(cfg.max_params, int) and cfg.max_params >= 1):
-        raise SettingError("max_params", cfg.max_params, "an integer >= 1")
-    if not (isinstance(cfg.max_groups, int) and cfg.max_groups >= 2):
-        raise SettingError("max_groups", cfg.max_groups, "an integer >= 2")
-    if not (isinstance(cfg.update_every, int) and cfg.update_every >= 0):
-        raise SettingError("update_every", cfg.update_every, "an integer >= 0")
-    mbs = cfg.micro_batch_size
-    if mbs is not None and not (isinstance(mbs, int) and not isinstance(mbs, bool) and mbs >= 1):
-        raise SettingError("micro_batch_size", mbs, "an integer >= 1")
-    if cfg.loss_accumulation not in LOSS_ACCUMULATIONS:
-        raise SettingError("loss_accumulation", cfg.loss_accumulation, "mean, sum")
-    ema = cfg.noise_ema
-    if not (isinstance(ema, int | float) and math.isfinite(ema) and 0 <= ema < 1):
-        raise SettingError("noise_ema", ema, "a number from 0 to 1, 1 excluded")
-    if cfg.backend not in BACKENDS:
-        raise SettingError("backend", cfg.backend, ", ".join(BACKENDS))
-    if not (math.isfinite(cfg.vanishing_threshold) and cfg.vanishing_threshold >= 0):
-        raise SettingError("vanishing_threshold", cfg.vanishing_threshold, "a finite number >= 0")
-    if not (math.isfinite(cfg.exploding_threshold) and cfg.exploding_threshold > 0):
-        raise SettingError("exploding_threshold", cfg.exploding_threshold, "a finite number > 0")
-    parse_host("host", cfg.host)
-    for field_name in ("tls_cert", "tls_key", "tls_client_ca"):
-        if getattr(cfg, field_name):
-            parse_file(field_name, getattr(cfg, field_name))
-    if (cfg.tls_key or cfg.tls_client_ca) and not cfg.tls_cert:
-        raise SettingError("tls_cert", "", "a certificate whenever a TLS key or client CA is set")
-    if cfg.distributed not in DISTRIBUTED_MODES:
-        raise SettingError("distributed", cfg.distributed, ", ".join(DISTRIBUTED_MODES))
+MAX_RANK = 10**7
+_RANKS_ACCEPTED = "all, or comma-separated ranks (integers >= 0), e.g. 0 or 0,8,16"
 
 
 def parse_rank_list(name: str, raw: str) -> tuple[int, ...] | None:
-    accepted = "all, or comma-separated ranks (integers >= 0), e.g. 0 or 0,8,16"
     text = raw.strip().lower()
     if text == "all":
         return None
     items = [x.strip() for x in text.split(",")]
     if not text or any(not x for x in items):
-        raise SettingError(name, raw, accepted)
+        raise SettingError(name, raw, _RANKS_ACCEPTED)
     ranks = []
     for x in items:
         try:
-            ranks.append(parse_int(name, x, 0, 10**7))
+            ranks.append(parse_int(name, x, 0, MAX_RANK))
         except SettingError:
-            raise SettingError(name, raw, accepted) from None
+            raise SettingError(name, raw, _RANKS_ACCEPTED) from None
     return tuple(sorted(set(ranks)))
 
 
@@ -407,79 +550,244 @@ def parse_exporters(name: str, raw: str) -> tuple[str, ...]:
     return tuple(x for x in dict.fromkeys(items) if x != "none")
 
 
-def _rank_var(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    return default if raw is None or raw == "" else parse_int(name, raw, 0)
+# ---- fields: each Config field, its variable, and the one parser both paths use ---------------
+
+Parser = Callable[[str, object], object]  # (name shown in messages, text or Python value)
+
+
+def _text_or(kind: str, from_text: Callable[[str, str], object], other: Callable | None = None):
+    """A parser: text goes through ``from_text`` (as the environment's does); other Python
+    values through ``other``, or are refused."""
+
+    def parse(name: str, value: object) -> object:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            return from_text(name, value)
+        if other is None:
+            raise SettingError(name, value, kind)
+        return other(name, value)
+
+    return parse
+
+
+def _int_field(lo: int, hi: int) -> Parser:
+    return _text_or(
+        _int_accepted(lo, hi),
+        lambda n, v: parse_int(n, v, lo, hi),
+        lambda n, v: check_int(n, v, lo, hi),
+    )
+
+
+def _float_field(lo: float, lo_inclusive: bool, hi: float | None = None) -> Parser:
+    return _text_or(
+        _float_accepted(lo, lo_inclusive, hi),
+        lambda n, v: parse_float(n, v, lo, lo_inclusive, hi),
+        lambda n, v: check_float(n, v, lo, lo_inclusive, hi),
+    )
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(value)
+    raise SettingError(name, value, "True or False")
+
+
+def _choice_field(choices: tuple[str, ...]) -> Parser:
+    return _text_or(", ".join(choices), lambda n, v: parse_choice(n, v, choices))
+
+
+def _check_ranks(name: str, value: object) -> tuple[int, ...]:
+    try:
+        items = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise SettingError(name, value, _RANKS_ACCEPTED) from None
+    if not items:
+        raise SettingError(name, value, _RANKS_ACCEPTED)
+    return tuple(sorted({check_int(name, r, 0, MAX_RANK) for r in items}))
+
+
+def _check_exporters(name: str, value: object) -> tuple[str, ...]:
+    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if items is None or not all(isinstance(x, str) for x in items):
+        raise SettingError(name, value, "comma-separated: " + ", ".join(METRICS_EXPORTERS))
+    return parse_exporters(name, ",".join(items) if items else "none")
+
+
+@dataclass(frozen=True)
+class Field:
+    var: str  # the environment variable
+    parse: Parser
+
+
+FIELDS: dict[str, Field] = {
+    "enabled": Field("GRADWATCH", _text_or("", parse_bool, _check_bool)),
+    "port": Field("GRADWATCH_PORT", _int_field(0, 65535)),
+    "host": Field("GRADWATCH_HOST", _text_or(_HOST_ACCEPTED, parse_host)),
+    "every": Field("GRADWATCH_EVERY", _int_field(1, 10**9)),
+    "groups": Field("GRADWATCH_GROUPS", lambda n, v: normalize_groups(v, n)),
+    "per_param": Field("GRADWATCH_PER_PARAM", _text_or("", parse_bool, _check_bool)),
+    "max_params": Field("GRADWATCH_MAX_PARAMS", _int_field(1, 10**6)),
+    "max_groups": Field("GRADWATCH_MAX_GROUPS", _int_field(2, 10**5)),
+    "vanishing_threshold": Field("GRADWATCH_VANISHING_THRESHOLD", _float_field(0.0, True)),
+    "exploding_threshold": Field("GRADWATCH_EXPLODING_THRESHOLD", _float_field(0.0, False)),
+    "backend": Field("GRADWATCH_BACKEND", _choice_field(BACKENDS)),
+    "tls_cert": Field("GRADWATCH_TLS_CERT", _text_or(_FILE_ACCEPTED, parse_file)),
+    "tls_key": Field("GRADWATCH_TLS_KEY", _text_or(_FILE_ACCEPTED, parse_file)),
+    "tls_client_ca": Field("GRADWATCH_TLS_CLIENT_CA", _text_or(_FILE_ACCEPTED, parse_file)),
+    "distributed": Field("GRADWATCH_DISTRIBUTED", _choice_field(DISTRIBUTED_MODES)),
+    "per_param_ranks": Field(
+        "GRADWATCH_PER_PARAM_RANKS", _text_or(_RANKS_ACCEPTED, parse_rank_list, _check_ranks)
+    ),
+    "file_sd": Field("GRADWATCH_FILE_SD", _text_or("a file path", parse_path)),
+    "exporters": Field("OTEL_METRICS_EXPORTER", _text_or("", parse_exporters, _check_exporters)),
+    "update_every": Field("GRADWATCH_UPDATE_EVERY", _int_field(0, 10**9)),
+    "micro_batch_size": Field("GRADWATCH_MICRO_BATCH_SIZE", _int_field(1, 10**9)),
+    "loss_accumulation": Field("GRADWATCH_LOSS_ACCUMULATION", _choice_field(LOSS_ACCUMULATIONS)),
+    "noise_ema": Field("GRADWATCH_NOISE_EMA", _float_field(0.0, True, 1.0)),
+    "local_rank": Field("LOCAL_RANK", _int_field(0, MAX_RANK)),
+    "rank": Field("RANK", _int_field(0, MAX_RANK)),
+    "world_size": Field("WORLD_SIZE", _int_field(1, MAX_RANK + 1)),
+}
+assert set(FIELDS) == {f.name for f in fields(Config)}
+
+_LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE")  # set but empty: the default
+
+
+def label(field_name: str) -> str:
+    """How checks of the merged settings name a field: the same words whether it came from the
+    environment or from watch()."""
+    return f"{FIELDS[field_name].var}/{field_name}"
+
+
+# ---- the merged settings: combinations and TLS material, for both paths ----------------------
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that need more than one value, run on the final settings of either path (the
+    environment alone, or the environment with watch() arguments): raises SettingError."""
+    if (cfg.tls_key or cfg.tls_client_ca) and not cfg.tls_cert:
+        field_name = "tls_client_ca" if cfg.tls_client_ca else "tls_key"
+        raise SettingError(
+            label(field_name),
+            getattr(cfg, field_name),
+            f"{label('tls_key')} and {label('tls_client_ca')} only with {label('tls_cert')}",
+            f"set without {label('tls_cert')}: /metrics would be plain HTTP",
+        )
+    if cfg.port and cfg.serve_port > 65535:
+        raise SettingError(
+            label("port"),
+            cfg.port,
+            "a port that leaves room for PORT + LOCAL_RANK <= 65535",
+            f"LOCAL_RANK={cfg.local_rank}",
+        )
+    if cfg.tls_cert:
+        try:
+            tls_context(cfg)
+        except TLSError as exc:
+            raise SettingError(exc.name, exc.value, exc.accepted, exc.problem) from None
+    return cfg
+
+
+class _PassphraseRefused(Exception):
+    pass
+
+
+def _refuse_passphrase(*_: object) -> bytes:
+    """load_cert_chain's password callback: never a prompt (OpenSSL would read the terminal)."""
+    raise _PassphraseRefused
+
+
+def _check_dates(field_name: str, path: str, what: str) -> None:
+    """The first certificate of ``path``: present, and valid now (not expired, not yet valid)."""
+    import ssl
+
+    accepted = f"a PEM file whose {what} is valid now"
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # a private CPython helper; without it only the load below checks
+        return
+    try:
+        info = decode(path)
+    except (ssl.SSLError, OSError):
+        raise TLSError(label(field_name), path, accepted, f"no PEM {what} in it") from None
+    try:
+        not_before = ssl.cert_time_to_seconds(info["notBefore"])
+        not_after = ssl.cert_time_to_seconds(info["notAfter"])
+    except (KeyError, ValueError):
+        return
+    now = time.time()
+    if now > not_after:
+        problem = f"the {what} expired on {info['notAfter']}"
+        raise TLSError(label(field_name), path, accepted, problem)
+    if now < not_before:
+        problem = f"the {what} is not valid before {info['notBefore']}"
+        raise TLSError(label(field_name), path, accepted, problem)
+
+
+def tls_context(cfg: Config):
+    """The server SSLContext of /metrics (mutual TLS with a client CA), loaded and checked.
+
+    Raises :class:`TLSError` naming the setting for a missing certificate, an expired or not yet
+    valid one, a key that does not match it, a passphrase-protected key (never a prompt) or a
+    client CA file with no certificate."""
+    import ssl
+
+    _check_dates("tls_cert", cfg.tls_cert, "certificate")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    key_field = "tls_key" if cfg.tls_key else "tls_cert"
+    key_path = cfg.tls_key or cfg.tls_cert
+    key_accepted = f"an unencrypted PEM private key matching {label('tls_cert')}"
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None, password=_refuse_passphrase)
+    except _PassphraseRefused:
+        problem = "the private key is passphrase-protected and gradwatch never prompts for it"
+        raise TLSError(label(key_field), key_path, key_accepted, problem) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problem = f"the private key does not match the certificate in {label('tls_cert')}"
+        elif cfg.tls_key:
+            problem = "no PEM private key in it"
+        else:
+            problem = f"no PEM private key in it, and {label('tls_key')} is not set"
+        raise TLSError(label(key_field), key_path, key_accepted, problem) from None
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+        raise TLSError(label(key_field), key_path, key_accepted, problem) from None
+    if cfg.tls_client_ca:
+        _check_dates("tls_client_ca", cfg.tls_client_ca, "CA certificate")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=cfg.tls_client_ca)
+        except (ssl.SSLError, OSError):
+            accepted = "a PEM file of the CA certificate(s) that sign client certificates"
+            raise TLSError(
+                label("tls_client_ca"), cfg.tls_client_ca, accepted, "no PEM CA certificate in it"
+            ) from None
+    return ctx
+
+
+# ---- reading the environment -----------------------------------------------------------------
+
+
+def read_env(env: Mapping[str, str] | None = None) -> Config:
+    """Every variable parsed on its own (no combination checks: see :func:`from_env`)."""
+    env = os.environ if env is None else env
+    kw: dict[str, object] = {}
+    for field_name, field in FIELDS.items():
+        raw = env.get(field.var)
+        if raw is None or (raw == "" and field.var in _LAUNCHER_VARS):
+            continue
+        kw[field_name] = field.parse(field.var, raw)
+    return Config(**kw)  # type: ignore[arg-type]
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Config:
-    """Read every GRADWATCH_* variable (and torchrun's rank variables). Raises SettingError."""
-    env = os.environ if env is None else env
-    kw: dict[str, object] = {}
-    if (raw := env.get("GRADWATCH")) is not None:
-        kw["enabled"] = parse_bool("GRADWATCH", raw)
-    if (raw := env.get("GRADWATCH_PORT")) is not None:
-        kw["port"] = parse_int("GRADWATCH_PORT", raw, 0, 65535)
-    if (raw := env.get("GRADWATCH_HOST")) is not None:
-        kw["host"] = parse_host("GRADWATCH_HOST", raw)
-    if (raw := env.get("GRADWATCH_EVERY")) is not None:
-        kw["every"] = parse_int("GRADWATCH_EVERY", raw, 1, 10**9)
-    if (raw := env.get("GRADWATCH_GROUPS")) is not None:
-        kw["groups"] = parse_groups("GRADWATCH_GROUPS", raw)
-    if (raw := env.get("GRADWATCH_PER_PARAM")) is not None:
-        kw["per_param"] = parse_bool("GRADWATCH_PER_PARAM", raw)
-    if (raw := env.get("GRADWATCH_MAX_PARAMS")) is not None:
-        kw["max_params"] = parse_int("GRADWATCH_MAX_PARAMS", raw, 1, 10**6)
-    if (raw := env.get("GRADWATCH_MAX_GROUPS")) is not None:
-        kw["max_groups"] = parse_int("GRADWATCH_MAX_GROUPS", raw, 2, 10**5)
-    if (raw := env.get("GRADWATCH_VANISHING_THRESHOLD")) is not None:
-        kw["vanishing_threshold"] = parse_float("GRADWATCH_VANISHING_THRESHOLD", raw, 0.0, True)
-    if (raw := env.get("GRADWATCH_EXPLODING_THRESHOLD")) is not None:
-        kw["exploding_threshold"] = parse_float("GRADWATCH_EXPLODING_THRESHOLD", raw, 0.0, False)
-    if (raw := env.get("GRADWATCH_UPDATE_EVERY")) is not None:
-        kw["update_every"] = parse_int("GRADWATCH_UPDATE_EVERY", raw, 0, 10**9)
-    if (raw := env.get("GRADWATCH_MICRO_BATCH_SIZE")) is not None:
-        kw["micro_batch_size"] = parse_int("GRADWATCH_MICRO_BATCH_SIZE", raw, 1, 10**9)
-    if (raw := env.get("GRADWATCH_LOSS_ACCUMULATION")) is not None:
-        if raw.strip().lower() not in LOSS_ACCUMULATIONS:
-            raise SettingError("GRADWATCH_LOSS_ACCUMULATION", raw, ", ".join(LOSS_ACCUMULATIONS))
-        kw["loss_accumulation"] = raw.strip().lower()
-    if (raw := env.get("GRADWATCH_NOISE_EMA")) is not None:
-        kw["noise_ema"] = parse_float("GRADWATCH_NOISE_EMA", raw, 0.0, True)
-        if kw["noise_ema"] >= 1:
-            raise SettingError("GRADWATCH_NOISE_EMA", raw, "a number from 0 to 1, 1 excluded")
-    if (raw := env.get("GRADWATCH_BACKEND")) is not None:
-        if raw.strip().lower() not in BACKENDS:
-            raise SettingError("GRADWATCH_BACKEND", raw, ", ".join(BACKENDS))
-        kw["backend"] = raw.strip().lower()
-    for field_name in ("tls_cert", "tls_key", "tls_client_ca"):
-        var = "GRADWATCH_" + field_name.upper()
-        if (raw := env.get(var)) is not None:
-            kw[field_name] = parse_file(var, raw)
-    if (raw := env.get("GRADWATCH_DISTRIBUTED")) is not None:
-        if raw.strip().lower() not in DISTRIBUTED_MODES:
-            raise SettingError("GRADWATCH_DISTRIBUTED", raw, ", ".join(DISTRIBUTED_MODES))
-        kw["distributed"] = raw.strip().lower()
-    if (raw := env.get("GRADWATCH_PER_PARAM_RANKS")) is not None:
-        kw["per_param_ranks"] = parse_rank_list("GRADWATCH_PER_PARAM_RANKS", raw)
-    if (raw := env.get("GRADWATCH_FILE_SD")) is not None:
-        kw["file_sd"] = parse_path("GRADWATCH_FILE_SD", raw)
-    if (raw := env.get("OTEL_METRICS_EXPORTER")) is not None:
-        kw["exporters"] = parse_exporters("OTEL_METRICS_EXPORTER", raw)
-    kw["local_rank"] = _rank_var(env, "LOCAL_RANK", 0)
-    kw["rank"] = _rank_var(env, "RANK", 0)
-    world = _rank_var(env, "WORLD_SIZE", 1)
-    if world < 1:
-        raise SettingError("WORLD_SIZE", env.get("WORLD_SIZE"), "an integer >= 1")
-    kw["world_size"] = world
-    cfg = Config(**kw)  # type: ignore[arg-type]
-    if cfg.port and cfg.serve_port > 65535:
-        raise SettingError(
-            "GRADWATCH_PORT",
-            env.get("GRADWATCH_PORT"),
-            "a port that leaves room for PORT + LOCAL_RANK <= 65535",
-        )
-    return cfg
+    """Read every GRADWATCH_* variable (and torchrun's rank variables) and check the result as
+    watch() does (TLS material included). Raises SettingError."""
+    return validate(read_env(env))
 
 
 def settings_markdown() -> str:

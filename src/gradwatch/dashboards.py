@@ -699,14 +699,21 @@ def training_health() -> list[tuple[dict, int, int]]:
         (
             timeseries(
                 "Clipping coefficient and clipped steps",
-                "The coefficient clip_grad_norm_ applied (1: not clipped) and the fraction of"
-                " collected steps it clipped, per $__rate_interval.",
+                "The coefficient the clip applied (1: not clipped), the fraction of collected"
+                " steps it clipped, and the fraction whose pre-clip norm was NaN/Inf (the clip"
+                " then zeroed or poisoned the gradients: no coefficient is shown for them),"
+                " per $__rate_interval.",
                 [
                     (sel("grad_clip_coefficient_ratio"), "coefficient " + _WHO),
                     (
                         f"rate({sel('grad_clipped_steps_total')}[{RATE}])\n/ on (job, instance,"
                         f" rank, optimizer)\nrate({sel('grad_steps_total')}[{RATE}])",
                         "clipped fraction " + _WHO,
+                    ),
+                    (
+                        f"rate({sel('grad_preclip_nonfinite_steps_total')}[{RATE}])\n/ on (job,"
+                        f" instance, rank, optimizer)\nrate({sel('grad_steps_total')}[{RATE}])",
+                        "NaN/Inf pre-clip fraction " + _WHO,
                     ),
                 ],
                 "percentunit",
@@ -1219,6 +1226,18 @@ def alert_rules() -> dict:
             " the step counter's increase, or a process younger than 5 minutes whose counter"
             " started above 0). Magnitude statistics of those steps are absent. Steps that"
             " torch.amp.GradScaler skipped are not counted (see amp_skipped_steps_total).",
+        ),
+        _alert(
+            "GradwatchPreclipNormNonFinite",
+            f"{by} (increase(grad_preclip_nonfinite_steps_total[5m])) > 0\n"
+            f"or\n{by} (grad_preclip_nonfinite_steps_total > 0 unless"
+            " grad_preclip_nonfinite_steps_total offset 5m)",
+            "0m",
+            "critical",
+            f"The pre-clip gradient norm was NaN/Inf on {_WHERE}",
+            "In the last 5 minutes a collected step's pre-clip norm was NaN or Inf, so the clip"
+            " scaled its gradients by 0 or NaN: the post-clip statistics of that step (often a"
+            " calm-looking 0) describe the clip's output, not the gradients.",
         ),
         _alert(
             "GradwatchGradNormExploding",

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import __version__, catalog
 from .catalog import Statistic, Thresholds
-from .config import Config
+from .config import Config, binds_all_interfaces, server_class, tls_context
 from .serving import ScrapeBudget, _QuietHandler, _Server, metrics_only
 
 log = logging.getLogger("gradwatch")
@@ -50,6 +50,7 @@ _UPDATE_STATS = {
 
 # Training statistics read from a readout's context under this key.
 _CONTEXT_STATS = {
+    "grad_unreduced_tensors": "unreduced_tensors",
     "grad_accumulation_micro_batches": "micro_batches",
     "grad_noise_trace_sigma": "noise_trace_sigma",
     "grad_noise_true_grad_sq_norm": "noise_true_grad_sq_norm",
@@ -209,12 +210,17 @@ class Exporter:
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
             self._pinned = []
-        try:  # every step's norm since the previous scrape goes into the histogram
+        for index, snap in self._pinned:  # every step's norm since the last scrape
+            self.record_norms(index, snap.norms_since_last)
+
+    def record_norms(self, index: str, norms) -> None:
+        """Per-step norms of one optimizer into the histogram (at a scrape, or from the training
+        thread when many steps pass without one)."""
+        try:
             hist = self._histograms.get("grad_l2_norm_per_step")
-            for index, snap in self._pinned:
-                attrs = {"optimizer": index}
-                for v in snap.norms_since_last:
-                    hist.record(v, attrs)
+            attrs = {"optimizer": index}
+            for v in norms:
+                hist.record(v, attrs)
         except Exception as exc:  # noqa: BLE001
             self.session.errors.record("export", exc)
 
@@ -228,8 +234,9 @@ class Exporter:
 
         return callback
 
-    def values(self, stat: Statistic) -> list[tuple[dict[str, str], float]]:
-        """The (labels, value) samples of one statistic right now."""
+    def values(self, stat: Statistic, pinned=None) -> list[tuple[dict[str, str], float]]:
+        """The (labels, value) samples of one statistic from the pinned snapshots (those of the
+        scrape in progress, or ``pinned``: [(optimizer index, WatchSnapshot)])."""
         session = self.session
         name = stat.prom_name
         if stat.scope == catalog.SELF:
@@ -239,7 +246,7 @@ class Exporter:
                 backends = ",".join(sorted(session.backend_names())) or "none"
                 return [({"version": __version__, "backend": backends}, 1.0)]
         out = []
-        for index, snap in self._pinned:
+        for index, snap in self._pinned if pinned is None else pinned:
             labels = {"optimizer": index}
             if name == "gradwatch_collect_seconds":
                 v = snap.collect_seconds
@@ -253,6 +260,8 @@ class Exporter:
                 v = snap.amp_skipped_steps
             elif name == "grad_clipped_steps_total":
                 v = snap.clipped_steps
+            elif name == "grad_preclip_nonfinite_steps_total":
+                v = snap.preclip_nonfinite_steps
             elif name == "grad_l2_norm_max_since_last_scrape":
                 v = snap.max_norm_since_last
             elif name in _UPDATE_STATS or name == "update_stats_step":
@@ -337,7 +346,7 @@ class Exporter:
             return
         host = self.config.host
         port = self.config.serve_port if port is None else port
-        if host in ("0.0.0.0", "::", ""):
+        if binds_all_interfaces(host):
             log.warning(
                 "gradwatch: /metrics listens on all interfaces (%s:%d); anyone who can"
                 " reach this host can read it",
@@ -349,7 +358,7 @@ class Exporter:
             lambda exc: self.session.errors.record("server", exc),
             self.budget,
         )
-        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        server = make_server(host, port, app, server_class(_Server, host), _QuietHandler)
         server.errors = self.session.errors  # connection errors: counted, never a traceback
         server.budget = self.budget  # every connection's CPU time is charged to it
         scheme = "http"
@@ -371,13 +380,7 @@ class Exporter:
 
     def _tls_context(self) -> ssl.SSLContext:
         """TLS for /metrics; with a client CA, mutual TLS (clients must present a cert)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
-        if self.config.tls_client_ca:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=self.config.tls_client_ca)
-        return ctx
+        return tls_context(self.config)  # the settings check's loader: never a passphrase prompt
 
     def _serve(self) -> None:
         server = self.server

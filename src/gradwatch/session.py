@@ -9,6 +9,7 @@ and never in a forked child of the process that started them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import logging
@@ -19,9 +20,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import distributed
+from . import distributed, hooks, imports, stacks
 from .collector import ClipRecord, ErrorLog, OptimizerWatch
-from .config import Config, SettingError, from_env
+from .config import Config, SettingError, from_env, read_env
+from .stacks import deepspeed
 
 log = logging.getLogger("gradwatch")
 
@@ -62,36 +64,40 @@ class Session:
         config: Config,
         models: Sequence[torch.nn.Module] = (),
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        global_hooks: bool = True,
     ) -> None:
         self.config = config
         self.errors = ErrorLog()
         self.models: list[torch.nn.Module] = list(models)
         self._watches: dict[int, OptimizerWatch] = {}
         self._explicit: set[int] | None = None
+        self._inner: set[int] = set()  # ids of optimizers stepped by a watched outer one
         self._lock = threading.RLock()
         self._pid = os.getpid()
-        self._hooks: list = []
+        self._hooks = hooks.HookSet()
         self.exporter = None
         self._exporter_failed = False
         self.closed = False
-        # Eager even under torch.compile(opt.step): the hook adds no graph breaks.
-        self._hook = torch.compiler.disable(self._pre_step_hook)
-        self._post_hook = torch.compiler.disable(self._post_step_hook)
         self._clips: list[ClipRecord] = []  # clip_grad_norm_ calls not yet matched to a step
         if optimizers is None:
-            from torch.optim.optimizer import (
-                register_optimizer_step_post_hook,
-                register_optimizer_step_pre_hook,
-            )
+            if global_hooks:  # else no-code mode's dispatchers forward to this session
+                from torch.optim.optimizer import (
+                    register_optimizer_step_post_hook,
+                    register_optimizer_step_pre_hook,
+                )
 
-            self._hooks.append(register_optimizer_step_pre_hook(self._hook))
-            self._hooks.append(register_optimizer_step_post_hook(self._post_hook))
+                self._hooks.add(register_optimizer_step_pre_hook, self._pre_step_hook)
+                self._hooks.add(register_optimizer_step_post_hook, self._post_step_hook)
         else:
             self._explicit = set()
             for opt in optimizers:
                 self.add_optimizer(opt)
         self._patch_grad_scaler()
         self._patch_clip_grad_norm()
+        self._scopes = threading.local()  # .stack: the stack steps running on this thread
+        self._zero_patches: list[tuple[type, dict[str, object]]] = []
+        for module_name, _ in deepspeed.ZERO_OPTIMIZERS:
+            imports.after_import(module_name, self._patch_zero)
         atexit.register(self.close)
 
     # ---- watches ----
@@ -100,8 +106,16 @@ class Session:
             if self._explicit is None or id(optimizer) in self._explicit:
                 return
             self._explicit.add(id(optimizer))
-            self._hooks.append(optimizer.register_step_pre_hook(self._hook))
-            self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                # a stack's optimizer (DeepSpeed ZeRO): its step is patched; the torch
+                # optimizers it steps are hooked, their steps routed to its watch
+                inner = deepspeed.inner_optimizers(optimizer)
+                self._inner.update(id(o) for o in inner)
+                for opt in inner:
+                    self._hooks.add(opt.register_step_pre_hook, self._pre_step_hook)
+                return
+            self._hooks.add(optimizer.register_step_pre_hook, self._pre_step_hook)
+            self._hooks.add(optimizer.register_step_post_hook, self._post_step_hook)
 
     def watches(self) -> list[OptimizerWatch]:
         with self._lock:
@@ -125,31 +139,145 @@ class Session:
             if watch is None:
                 if self._explicit is not None and id(optimizer) not in self._explicit:
                     return None
+                if self._is_inner(optimizer):
+                    return None
                 watch = OptimizerWatch(
                     optimizer, len(self._watches), self.config, self.errors, self._names
                 )
+                watch.norm_sink = self._record_norms
+                watch.inner_optimizers = stacks.inner_optimizers(optimizer)
+                self._inner.update(id(o) for o in watch.inner_optimizers)
                 self._watches[id(optimizer)] = watch
             return watch
 
+    def _is_inner(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Wrapper rule (see :mod:`gradwatch.stacks`): ``optimizer`` is stepped by a watched
+        outer one. Decided at its first step; called with the lock held."""
+        if id(optimizer) in self._inner:
+            return True
+        for outer in self._watches.values():
+            if stacks.step_running(outer.optimizer_ref):
+                self._inner.add(id(optimizer))
+                outer.inner_optimizers.append(optimizer)
+                return True
+        return False
+
+    def _record_norms(self, index: str, norms) -> None:
+        exporter = self.exporter
+        if exporter is not None:
+            exporter.record_norms(index, norms)
+
+    def mark_inner(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Optimizers a stack steps itself: never reported on their own."""
+        with self._lock:
+            self._inner.update(id(o) for o in optimizers)
+
+    def zero_watch_for(self, zero) -> OptimizerWatch | None:
+        """The watch of a DeepSpeed ZeRO optimizer (see :mod:`gradwatch.stacks.deepspeed`)."""
+        if self.closed or os.getpid() != self._pid:
+            return None
+        with self._lock:
+            watch = self._watches.get(id(zero))
+            if watch is None:
+                if self._explicit is not None and id(zero) not in self._explicit:
+                    return None
+                watch = deepspeed.ZeroWatch(
+                    zero, len(self._watches), self.config, self.errors, self._names
+                )
+                watch.norm_sink = self._record_norms
+                self._watches[id(zero)] = watch
+        try:
+            self._start_endpoint()
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("server", exc)
+        return watch
+
+    @contextlib.contextmanager
+    def inner_scope(self, watch):
+        """While a stack's own step runs: the torch optimizers it steps are routed to
+        ``watch.on_inner_step`` (``watch`` None: ignored) instead of being watched."""
+        stack = self._scopes.__dict__.setdefault("stack", [])
+        stack.append(watch)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    def _patch_zero(self, module) -> None:
+        """Post-import hook of DeepSpeed's ZeRO modules. Never raises."""
+        try:
+            if self.closed:
+                return
+            for module_name, class_name in deepspeed.ZERO_OPTIMIZERS:
+                if module.__name__ == module_name:
+                    patched = deepspeed.patch(self, module, class_name)
+                    if patched is not None:
+                        self._zero_patches.append(patched)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+
+    def _start_endpoint(self) -> None:
+        self._ensure_exporter()
+        if self.exporter is not None:
+            self.exporter.ensure_serving()
+
     # ---- hooks ----
-    def _pre_step_hook(self, optimizer, args, kwargs) -> None:
+    def _pre_step_hook(self, optimizer, args, kwargs):
+        stack = getattr(self._scopes, "stack", None)
+        if stack:  # inside a stack's own step: its inner optimizer
+            try:
+                if stack[-1] is not None:
+                    stack[-1].on_inner_step(optimizer)
+            except Exception as exc:  # noqa: BLE001 - never raise into training
+                self.errors.record("collect", exc)
+            return None
         try:
             watch = self.watch_for(optimizer)
             if watch is None:
-                return
-            self._ensure_exporter()
-            if self.exporter is not None:
-                self.exporter.ensure_serving()
+                return None
+            self._start_endpoint()
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
-            return
-        watch.on_step(self._take_clip(optimizer))
+            return None
+        watch.begin_step()
+        try:
+            closure = stacks.closure_of(args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.record("collect", exc)
+            closure = None
+        if closure is None:
+            watch.collect_step(self._take_clip(optimizer))
+            return None
+        watch.closure_pending = True
+        watch.snapshot_before_closure()
+        return stacks.with_closure(args, kwargs, self._collecting(closure, watch, optimizer))
+
+    def _collecting(self, closure, watch: OptimizerWatch, optimizer):
+        """The closure the step runs instead: the user's, then (first call only) collection of
+        the gradients it left, clipping inside it included."""
+        session = self
+
+        @functools.wraps(closure)
+        def closure_then_collect(*args, **kwargs):
+            result = closure(*args, **kwargs)
+            if watch.closure_pending:
+                watch.closure_pending = False
+                watch.collect_step(session._take_clip(optimizer))
+            return result
+
+        return closure_then_collect
 
     def _post_step_hook(self, optimizer, args, kwargs) -> None:
+        if getattr(self._scopes, "stack", None):
+            return  # a stack's inner optimizer
         try:
             watch = self._watches.get(id(optimizer))
-            if watch is not None and not self.closed:
-                watch.on_step_post()
+            if watch is None or self.closed:
+                return
+            if watch.closure_pending:  # the step never called its closure
+                watch.closure_pending = False
+                watch.collect_step(self._take_clip(optimizer), sample_update=False)
+            watch.on_step_post()
         except Exception as exc:  # noqa: BLE001 - never raise into training
             self.errors.record("collect", exc)
 
@@ -192,39 +320,79 @@ class Session:
             self.errors.record("collect", exc)
 
     def _patch_clip_grad_norm(self) -> None:
+        """Wrap torch's clip API: ``clip_grad_norm_``, and the split API ``get_total_norm`` +
+        ``clip_grads_with_norm_`` (torchtitan's clip). Results are bitwise identical."""
         from torch.nn.utils import clip_grad
 
-        original = clip_grad.clip_grad_norm_
-        if getattr(original, "_gradwatch_session", None) is not None:
+        if getattr(clip_grad.clip_grad_norm_, "_gradwatch_session", None) is not None:
             return  # another session patched it; it restores on close
         session = self
+        self._clip_originals: dict[str, object] = {}
+        self._total_norm_type: float | None = None  # norm_type of the last get_total_norm call
 
-        @functools.wraps(original)
-        def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *args, **kwargs):
-            # The same list the original builds itself: results are bitwise identical.
+        def as_list(parameters):
+            # The same list the originals build themselves.
             if isinstance(parameters, torch.Tensor):
-                parameters = [parameters]
-            else:
-                parameters = list(parameters)
-            total_norm = original(parameters, max_norm, norm_type, *args, **kwargs)
-            session._note_clip(parameters, max_norm, norm_type, total_norm)
-            return total_norm
+                return [parameters]
+            return list(parameters)
 
-        clip_grad_norm_._gradwatch_session = self  # type: ignore[attr-defined]
-        self._clip_original = original
-        clip_grad.clip_grad_norm_ = clip_grad_norm_
-        if torch.nn.utils.clip_grad_norm_ is original:
-            torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+        def patched_clip_grad_norm_(original):
+            @functools.wraps(original)
+            def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *args, **kwargs):
+                parameters = as_list(parameters)
+                total_norm = original(parameters, max_norm, norm_type, *args, **kwargs)
+                session._note_clip(parameters, max_norm, norm_type, total_norm)
+                return total_norm
+
+            return clip_grad_norm_
+
+        def patched_get_total_norm(original):
+            @functools.wraps(original)
+            def get_total_norm(tensors, norm_type=2.0, *args, **kwargs):
+                session._total_norm_type = norm_type
+                return original(tensors, norm_type, *args, **kwargs)
+
+            return get_total_norm
+
+        def patched_clip_grads_with_norm_(original):
+            @functools.wraps(original)
+            def clip_grads_with_norm_(parameters, max_norm, total_norm, *args, **kwargs):
+                parameters = as_list(parameters)
+                result = original(parameters, max_norm, total_norm, *args, **kwargs)
+                # A norm from get_total_norm carries that call's norm_type; one computed
+                # elsewhere is taken as an L2 norm (README, "Clipping").
+                norm_type = session._total_norm_type
+                session._total_norm_type = None
+                session._note_clip(
+                    parameters, max_norm, 2.0 if norm_type is None else norm_type, total_norm
+                )
+                return result
+
+            return clip_grads_with_norm_
+
+        factories = {
+            "clip_grad_norm_": patched_clip_grad_norm_,
+            "get_total_norm": patched_get_total_norm,
+            "clip_grads_with_norm_": patched_clip_grads_with_norm_,
+        }
+        for name, factory in factories.items():
+            original = getattr(torch.nn.utils, name, None) or getattr(clip_grad, name, None)
+            if original is None:
+                continue  # torch < 2.6 has no split API
+            wrapper = factory(original)
+            wrapper._gradwatch_session = self  # type: ignore[attr-defined]
+            self._clip_originals[name] = original
+            for module in (clip_grad, torch.nn.utils):
+                if getattr(module, name, None) is original:
+                    setattr(module, name, wrapper)
 
     def _unpatch_clip_grad_norm(self) -> None:
         from torch.nn.utils import clip_grad
 
-        original = getattr(self, "_clip_original", None)
-        if original is None:
-            return
-        for module in (clip_grad, torch.nn.utils):
-            if getattr(module.clip_grad_norm_, "_gradwatch_session", None) is self:
-                module.clip_grad_norm_ = original
+        for name, original in getattr(self, "_clip_originals", {}).items():
+            for module in (clip_grad, torch.nn.utils):
+                if getattr(getattr(module, name, None), "_gradwatch_session", None) is self:
+                    setattr(module, name, original)
 
     def _ensure_exporter(self) -> None:
         if self.exporter is not None or self._exporter_failed:
@@ -254,6 +422,35 @@ class Session:
                 )
             self.exporter = exporter
             self._discovery(exporter.port)
+            if exporter.port:
+                self._say(f"watching {self._what()}; statistics on {self.url}")
+
+    @property
+    def url(self) -> str:
+        """Address of /metrics once the endpoint is up ('' before)."""
+        if self.exporter is None or not self.exporter.port:
+            return ""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # reachable from this host
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.exporter.port}/metrics"
+
+    def _what(self) -> str:
+        if self._explicit is None:
+            return "every optimizer (no-code mode)"
+        n = len(self._explicit)
+        return f"{n} optimizer{'s' if n != 1 else ''}"
+
+    def _say(self, text: str) -> None:
+        """One line on stderr for the person running the training (start and end)."""
+        cfg = self.config
+        where = f" [rank {cfg.rank}/{cfg.world_size}]" if cfg.world_size > 1 else ""
+        try:
+            print(f"gradwatch{where}: {text}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a closed stderr never stops training
+            pass
 
     def _discovery(self, port: int) -> None:
         """GRADWATCH_FILE_SD: every rank takes part in the gather (even without an endpoint, so
@@ -283,9 +480,15 @@ class Session:
         session = self
 
         def step(scaler, optimizer, *args, **kwargs):
-            watch = session.watch_for(optimizer) if scaler.is_enabled() else None
-            if watch is not None:
-                watch.scaler = scaler  # its loss scale is read with the step's partials
+            watch = None
+            try:
+                watch = session.watch_for(optimizer) if scaler.is_enabled() else None
+                if watch is not None:
+                    watch.scaler = scaler  # its loss scale is read with the step's partials
+                    # up from the first step even if GradScaler skips every one of them
+                    session._start_endpoint()
+            except Exception as exc:  # noqa: BLE001 - never raise into training
+                session.errors.record("collect", exc)
             before = watch.steps if watch is not None else None
             result = original(scaler, optimizer, *args, **kwargs)
             if watch is not None and watch.steps == before:
@@ -302,6 +505,19 @@ class Session:
         if getattr(scaler_cls.step, "_gradwatch_session", None) is self:
             scaler_cls.step = self._scaler_original
 
+    def _summary(self, url: str) -> str:
+        watches = self.watches()
+        steps = sum(w.steps for w in watches)
+        collected = sum(w.collected_steps for w in watches)
+        skipped = sum(w.amp_skipped_steps for w in watches)
+        errors = sum(self.errors.counts.values())
+        parts = [f"{steps} optimizer steps", f"{collected} collected"]
+        if skipped:
+            parts.append(f"{skipped} skipped by the loss scaler")
+        if errors:
+            parts.append(f"{errors} internal errors (gradwatch_errors_total)")
+        return f"stopped {url} after " + ", ".join(parts)
+
     # ---- lifecycle ----
     @property
     def port(self) -> int:
@@ -313,11 +529,12 @@ class Session:
             if self.closed:
                 return
             self.closed = True
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._hooks.remove_all()
         self._unpatch_grad_scaler()
         self._unpatch_clip_grad_norm()
+        imports.cancel(self._patch_zero)
+        for cls, originals in self._zero_patches:
+            deepspeed.unpatch(self, cls, originals)
         for w in self.watches():
             try:
                 w.remove_hooks()
@@ -330,7 +547,10 @@ class Session:
                 except Exception as exc:  # noqa: BLE001
                     self.errors.record("readout", exc)
             if self.exporter is not None:
+                url = self.url
                 self.exporter.close()
+                if url:
+                    self._say(self._summary(url))
         atexit.unregister(self.close)
         global _SESSION
         if _SESSION is self:
@@ -354,6 +574,14 @@ class Handle:
     def port(self) -> int:
         """Port of /metrics once the first optimizer step has started the endpoint, else 0."""
         return self.session.port if self.session is not None else 0
+
+    def latest(self):
+        """The statistics of the latest completed step, as a typed object
+        (:class:`gradwatch.values.Statistics`); never waits for the device."""
+        from .values import build
+
+        session = self.session if self.session is not None and not self.session.closed else None
+        return build(session)
 
     def close(self) -> None:
         if self.session is not None:
@@ -387,17 +615,25 @@ def _as_list(obj) -> list:
 def _watch(model, optimizer, **settings) -> Handle:
     global _SESSION
     try:
-        env_config = from_env()
-        config = env_config.with_overrides(**settings)
+        # One path for both sources: each argument is parsed like its variable, then the merged
+        # settings are checked once (combinations, TLS material) exactly as from_env() does.
+        config = read_env().with_overrides(**settings)
     except SettingError as exc:
         _report_setting_error(exc)
         return Handle(None)
-    except TypeError as exc:
+    except TypeError as exc:  # an unknown keyword argument: a bug in the caller's code
         raise TypeError(f"gradwatch.watch(): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - never raise into training
+        print(f"gradwatch: cannot read settings ({exc!r}); telemetry is off", file=sys.stderr)
+        return Handle(None)
     if config.enabled is False:
         log.info("gradwatch: GRADWATCH=0, telemetry is off")
         return Handle(None)
     models, optimizers = _as_list(model), _as_list(optimizer)
+    from . import activation
+
+    if activation.armed() and (_SESSION is None or _SESSION.closed):
+        _SESSION = _no_code_session()  # GRADWATCH=1 and watch(): one session, every optimizer
     if _SESSION is not None and not _SESSION.closed:
         if settings and _SESSION.config != config:
             log.warning("gradwatch: already watching with other settings; keeping the first")
@@ -409,8 +645,22 @@ def _watch(model, optimizer, **settings) -> Handle:
     return Handle(_SESSION)
 
 
-def start_from_env() -> Session | None:
-    """No-code mode (GRADWATCH=1): watch every optimizer of this process."""
+def _no_code_session() -> Session | None:
+    from . import activation
+
+    activation._disarm_triggers()
+    activation._started = True
+    try:
+        config = from_env()
+    except SettingError as exc:
+        _report_setting_error(exc)
+        return None
+    return Session(config, global_hooks=False) if config.enabled else None
+
+
+def start_from_env(global_hooks: bool = True) -> Session | None:
+    """No-code mode (GRADWATCH=1): watch every optimizer of this process. ``global_hooks``
+    False: the armed dispatchers of :mod:`gradwatch.activation` forward to the session."""
     global _SESSION
     with _module_lock:
         try:
@@ -420,5 +670,5 @@ def start_from_env() -> Session | None:
             return None
         if not config.enabled or (_SESSION is not None and not _SESSION.closed):
             return _SESSION
-        _SESSION = Session(config)
+        _SESSION = Session(config, global_hooks=global_hooks)
         return _SESSION

@@ -3,8 +3,13 @@
 The C source is built with the system compiler (``$CC``, else ``cc``/``gcc``) into a shared
 library cached under ``$GRADWATCH_CACHE_DIR`` or ``$XDG_CACHE_HOME/gradwatch`` (default
 ``~/.cache/gradwatch``), keyed by a hash of source, compiler, flags and CPU, so one build serves
-every later process on the same machine. ctypes releases the GIL for the call; the C side splits
-large inputs over ``torch.get_num_threads()`` pthreads.
+every later process on the same machine; ``$TMPDIR/gradwatch-<uid>`` when that cannot be
+created. A library is built into and loaded from a directory only when no other local user can
+write there (the directory ours and not group/world-writable, every directory above it ours or
+root's and writable by nobody else unless sticky, the file itself ours and not writable by
+others): otherwise the place is refused, with one log line, and the torch fallback runs. ctypes
+releases the GIL for the call; the C side splits large inputs over ``torch.get_num_threads()``
+pthreads.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -122,6 +128,67 @@ def _fallback_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"gradwatch-{uid}"
 
 
+# ---- where a library may be loaded from: only places no other local user can write ------------
+
+
+def _chain(path: Path) -> list[Path]:
+    """``path`` and every directory above it, as written and as resolved (symlinks followed)."""
+    absolute = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    seen: dict[Path, None] = {}
+    for p in (absolute, *absolute.parents, real, *real.parents):
+        seen.setdefault(p, None)
+    return list(seen)
+
+
+def _unsafe_dir(path: Path) -> str | None:
+    """Why another local user could put or replace a file in directory ``path``, or None.
+
+    The directory itself must be ours (owner == euid) and not group/world-writable; every
+    directory above it must belong to us or root and be writable by nobody else, unless sticky
+    (like /tmp, where others cannot rename or delete our entries); a symlink on the way must
+    belong to us or root."""
+    if not hasattr(os, "geteuid"):
+        return None  # no POSIX owners to compare (Windows)
+    euid = os.geteuid()
+    try:
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a directory"
+        if st.st_uid != euid:
+            return f"{path} is owned by uid {st.st_uid}, not by this process's uid {euid}"
+        if st.st_mode & 0o022:
+            return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+        for p in _chain(path)[1:]:
+            st = os.lstat(p)
+            if st.st_uid not in (0, euid):
+                return f"{p}, above {path}, is owned by uid {st.st_uid}"
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                mode = stat.S_IMODE(st.st_mode)
+                return f"{p}, above {path}, is writable by other users (mode {mode:o})"
+    except OSError as e:
+        return f"{path}: cannot check its owner ({e.strerror or e})"
+    return None
+
+
+def _unsafe_file(path: Path) -> str | None:
+    """Why the library file ``path`` may not be ours alone, or None (owner == euid, a regular
+    file, not group/world-writable)."""
+    if not hasattr(os, "geteuid"):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"{path}: cannot check its owner ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this process's uid {os.geteuid()}"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def _key(source: bytes, cc: list[str], version: str, flags: tuple[str, ...], cpu: str) -> str:
     h = hashlib.sha256()
     for part in (
@@ -170,6 +237,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], source: bytes, dest: Path) -
         if res.returncode != 0:
             msg = (res.stderr or res.stdout).strip().splitlines()
             raise RuntimeError(f"compile failed ({' '.join(cmd)}): {' | '.join(msg[-5:])}")
+        os.chmod(tmp, 0o755)  # whatever the umask: never group/world-writable
         os.replace(tmp, dest)
     finally:
         for p in (tmp, src):
@@ -191,29 +259,56 @@ def _build_and_load() -> tuple[ctypes._CFuncPtr, Path]:
     source = importlib.resources.files("gradwatch.kernels").joinpath(_SOURCE_NAME).read_bytes()
     cpu = _cpu_id()
     errors: list[str] = []
+    refused: list[str] = []  # directories or files another local user could have written
+    dirs = [_cache_dir(), _fallback_cache_dir()]
     for flags in _flag_sets(cpu):
         name = f"partials-{_key(source, cc, version, flags, cpu)}.so"
-        for d in (_cache_dir(), _fallback_cache_dir()):
+        for d in list(dirs):
             path = d / name
+            try:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:  # not creatable (or not a dir): try the next one
+                errors.append(f"{d}: {e}")
+                dirs.remove(d)
+                continue
+            problem = _unsafe_dir(d)
+            if problem is None and (path.exists() or path.is_symlink()):
+                problem = _unsafe_file(path)
+            if problem is not None:  # never build into, nor load from, such a place
+                refused.append(problem)
+                dirs.remove(d)
+                continue
             if path.is_file():
                 try:
-                    return _load(path), path
+                    return _loaded(path, refused)
                 except (OSError, AttributeError) as e:  # corrupt or foreign file: rebuild
                     _LOG.debug("gradwatch: ignoring unusable cached %s: %s", path, e)
             try:
-                d.mkdir(parents=True, exist_ok=True)
                 _compile(cc, flags, source, path)
-            except OSError as e:  # dir not writable (or not a dir): try the next one
+            except OSError as e:  # dir not writable: try the next one
                 errors.append(f"{d}: {e}")
                 continue
             except (RuntimeError, subprocess.SubprocessError) as e:
                 errors.append(str(e))
                 break  # these flags do not build: try the next flag set
             try:
-                return _load(path), path
+                return _loaded(path, refused)
             except (OSError, AttributeError) as e:  # e.g. a noexec mount: try the next dir
                 errors.append(f"{path}: {e}")
-    raise RuntimeError("; ".join(errors) or "build failed")
+    reasons = [f"refused {r} (another local user could plant a library there)" for r in refused]
+    raise RuntimeError("; ".join(reasons + errors) or "build failed")
+
+
+def _loaded(path: Path, refused: list[str]) -> tuple[ctypes._CFuncPtr, Path]:
+    fn = _load(path)
+    if refused:  # one line: where gradwatch would not build nor load, and why
+        _LOG.warning(
+            "gradwatch: native CPU kernel loaded from %s; refused %s (other local users could"
+            " write there)",
+            path,
+            "; ".join(refused),
+        )
+    return fn, path
 
 
 def _get_fn() -> ctypes._CFuncPtr | None:

@@ -11,12 +11,71 @@ import torch
 log = logging.getLogger("gradwatch")
 
 
+_is_contiguous = torch.Tensor.is_contiguous
+STRIDED_CHUNK_ELEMENTS = 1 << 22  # a non-dense gradient is copied at most this much at a time
+
+
 @dataclass(frozen=True)
 class Backend:
     """A named implementation of the partials contract of :mod:`gradwatch.kernels`."""
 
     name: str
     partials: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+    def reduce(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``partials``, but a strided tensor that is not dense (``x[:, ::2]``), which a kernel
+        can only read through a contiguous copy, is reduced in chunks of at most
+        STRIDED_CHUNK_ELEMENTS elements: transient memory stays bounded. Sync-free."""
+        if all(map(_is_contiguous, tensors)):  # the usual case: one C call per tensor
+            return self.partials(tensors)
+        from .torch_fallback import is_non_overlapping_and_dense
+
+        strided_rows = [
+            i
+            for i, t in enumerate(tensors)
+            if not t.is_contiguous() and not is_non_overlapping_and_dense(t)
+        ]
+        if not strided_rows:
+            return self.partials(tensors)
+        holes = set(strided_rows)
+        out = self.partials([t[:0] if i in holes else t for i, t in enumerate(tensors)])
+        for i in strided_rows:
+            rows = torch.cat([self.partials([c]) for c in _chunks(tensors[i])])
+            out[i] = combine_rows(rows)
+        return out
+
+
+def combine_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The partials of a tensor from those of its pieces: sums, and max for MAXABS."""
+    from . import MAXABS
+
+    return torch.cat(
+        [
+            rows[:, :MAXABS].sum(0),
+            rows[:, MAXABS : MAXABS + 1].amax(0),
+            rows[:, MAXABS + 1 :].sum(0),
+        ]
+    )
+
+
+def _chunks(t: torch.Tensor):
+    """Views of ``t`` along its first dimensions, each of at most STRIDED_CHUNK_ELEMENTS
+    elements (or one element row of the last dimension)."""
+    if t.numel() <= STRIDED_CHUNK_ELEMENTS or t.dim() <= 1:
+        if t.dim() == 1 and t.numel() > STRIDED_CHUNK_ELEMENTS:
+            for a in range(0, t.numel(), STRIDED_CHUNK_ELEMENTS):
+                yield t[a : a + STRIDED_CHUNK_ELEMENTS]
+        else:
+            yield t
+        return
+    per_row = t[0].numel()
+    if per_row > STRIDED_CHUNK_ELEMENTS:
+        for row in t:
+            yield from _chunks(row)
+        return
+    step = max(1, STRIDED_CHUNK_ELEMENTS // per_row)
+    for a in range(0, t.shape[0], step):
+        yield t[a : a + step]
 
 
 def _torch(device: torch.device) -> Backend:
