@@ -125,6 +125,33 @@ def test_connection_cap_drops_the_oldest_idle_and_real_scrapes_stay_prompt(serve
             s.close()
 
 
+def test_a_client_that_never_reads_is_dropped_at_the_write_deadline(served, monkeypatch):
+    server = _server(served)
+    server.write_timeout = 1.0
+    accept = type(server).process_request
+
+    def small_send_buffer(self, request, client_address):  # so that a 14 kB body blocks
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        accept(self, request, client_address)
+
+    monkeypatch.setattr(type(server), "process_request", small_send_buffer)
+    before = _http_errors(served)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect(("127.0.0.1", served.port))
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        with server._conns_lock:
+            assert [c.state for c in server._conns.values()] == ["write"]  # blocked writing
+        t0 = time.monotonic()
+        assert "grad_l2_norm" in fetch(served.port, timeout=5)  # others are served meanwhile
+        assert time.monotonic() - t0 < 1.0
+        _wait_for(lambda: _http_errors(served) == before + 1, timeout=3.0)
+        assert time.monotonic() - t0 < 2.5
+        with server._conns_lock:
+            assert not server._conns
+
+
 def test_http09_and_garbage_are_answered_at_once(served):
     for request, status in (
         (b"GET /metrics\r\n", b"505"),  # HTTP/0.9: no version, no headers to wait for
