@@ -368,7 +368,7 @@ class _QuietHandler(BaseRequestHandler):
     def _respond(self, status: str, headers: list, body: list[bytes], head: bool) -> None:
         server, sock = self.server, self.request
         length = sum(len(b) for b in body)
-        lines = [f"HTTP/1.1 {status}", f"Date: {formatdate(usegmt=True)}", "Server: gradwatch"]
+        lines = [f"HTTP/1.1 {status}", f"Date: {_date()}", "Server: gradwatch"]
         lines += [
             f"{k}: {v}" for k, v in headers if k.lower() not in ("content-length", "connection")
         ]
@@ -376,15 +376,34 @@ class _QuietHandler(BaseRequestHandler):
         data = [("\r\n".join(lines)).encode("iso-8859-1")] + ([] if head else body)
         server.enter(sock, "write", server.write_timeout)
         deadline = time.monotonic() + server.write_timeout
-        for chunk in data:
-            view = memoryview(chunk)
-            while view:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Drop("response write deadline passed")
-                sock.settimeout(remaining)
-                sent = sock.send(view[:262144])
-                view = view[sent:]
+        gather = not isinstance(sock, ssl.SSLSocket)  # sendmsg: head and body in one call
+        views = [memoryview(chunk) for chunk in data if chunk]
+        while views:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Drop("response write deadline passed")
+            sock.settimeout(remaining)
+            sent = sock.sendmsg(views) if gather else sock.send(views[0][:262144])
+            while sent and views:
+                n = min(sent, len(views[0]))
+                sent -= n
+                views[0] = views[0][n:]
+                if not views[0]:
+                    views.pop(0)
+
+
+_dates: dict[int, str] = {}
+
+
+def _date() -> str:
+    """The Date header, formatted once a second."""
+    now = int(time.time())
+    text = _dates.get(now)
+    if text is None:
+        text = formatdate(now, usegmt=True)
+        _dates.clear()
+        _dates[now] = text
+    return text
 
 
 class _Quiet(Exception):
