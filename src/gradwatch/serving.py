@@ -202,8 +202,6 @@ class _QuietHandler(BaseRequestHandler):
 
     server: _Server
 
-    reserved = 0.0  # CPU seconds the budget reserved at admission
-
     def handle(self) -> None:
         server, cpu = self.server, time.thread_time()
         try:
@@ -212,20 +210,17 @@ class _QuietHandler(BaseRequestHandler):
             cost = time.thread_time() - cpu
             server.cpu_seconds += cost
             if server.budget is not None:
-                server.budget.charge(cost, self.reserved)
+                server.budget.charge(cost)
 
     def _handle(self) -> None:
         server, sock = self.server, self.request
         conn = server.conn(sock)
         deadline = conn.deadline if conn is not None else time.monotonic() + server.head_timeout
         try:
-            if server.budget is not None:
-                reserved = server.budget.admit(
-                    deadline, lambda: bool(conn is not None and conn.dropped)
-                )
-                if reserved is None:
-                    raise _Drop("waited for the CPU budget past the head deadline")
-                self.reserved = reserved
+            if server.budget is not None and not server.budget.admit(
+                deadline, lambda: bool(conn is not None and conn.dropped)
+            ):
+                raise _Drop("waited for the CPU budget past the head deadline")
             server.enter(sock, "head", deadline - time.monotonic())
             if isinstance(sock, ssl.SSLSocket):
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -483,7 +478,6 @@ class ScrapeBudget:
         self._tokens = burst
         self._filled = time.monotonic()
         self._cost = 0.0  # CPU seconds of the last fresh exposition
-        self._per_conn = 0.0002  # running mean CPU seconds of one connection's thread
         self._cache: OrderedDict[tuple, tuple[float, str, list, bytes]] = OrderedDict()
         self.fresh = 0  # expositions computed
         self.cached = 0  # requests answered with a cached exposition
@@ -530,23 +524,18 @@ class ScrapeBudget:
                 return
             time.sleep(min(missing / self.cpu_share, end - now))
 
-    def charge(self, seconds: float, reserved: float = 0.0) -> None:
-        """Charge ``seconds`` of CPU, of which ``reserved`` was taken at admission."""
+    def charge(self, seconds: float) -> None:
         with self._bucket:
-            self._tokens -= seconds - reserved
+            self._tokens -= seconds
             self.charged += seconds
-            if reserved:  # the running mean cost of a connection: what admission reserves
-                self._per_conn += 0.05 * (seconds - self._per_conn)
 
-    def admit(self, deadline: float, cancelled: Callable[[], bool] = lambda: False) -> float | None:
-        """Wait, in arrival order, until the bucket is not in debt, then reserve the mean cost
-        of a connection (so that a queue is let through at the budget's pace, not all at once
-        before any of it is charged); the amount reserved, or None at ``deadline`` or once
+    def admit(self, deadline: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """Wait, in arrival order, until the bucket is not in debt; False at ``deadline`` or once
         ``cancelled()`` (the connection was dropped meanwhile)."""
         me = threading.Event()
         with self._bucket:
             if not self._queue and self._refill() > 0:
-                return self._reserve()
+                return True
             self._queue.append(me)
             self.waited += 1
         try:
@@ -555,10 +544,10 @@ class ScrapeBudget:
                     tokens = self._refill()
                     first = self._queue[0] is me
                     if first and tokens > 0:
-                        return self._reserve()
+                        return True
                 now = time.monotonic()
                 if now >= deadline or cancelled():
-                    return None
+                    return False
                 # The first waits for the tokens; the others sleep until it leaves (set), so a
                 # long queue costs no CPU.
                 wait = max(-tokens / self.cpu_share, 0.001) if first else deadline - now
@@ -569,11 +558,6 @@ class ScrapeBudget:
                 self._queue.remove(me)
                 if self._queue:
                     self._queue[0].set()
-
-    def _reserve(self) -> float:  # under self._bucket
-        reserved = max(self._per_conn, 1e-6)
-        self._tokens -= reserved
-        return reserved
 
     # ---- expositions ----
     @staticmethod
