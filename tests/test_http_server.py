@@ -218,10 +218,12 @@ def test_cpu_budget_bounds_back_to_back_scrapers_and_serves_cached_bodies(served
         t.join(10)
     elapsed = time.monotonic() - t0
     # The server threads' own CPU time (measured apart from the bucket's bookkeeping): the
-    # burst, the share of the elapsed time, and the connections that were running when the
-    # bucket emptied (one exposition and a few cached answers, a few ms here).
+    # burst, the share of the elapsed time, and what may still be owed: connections are
+    # charged when they end, so at most the three scrapers' last ones (a few ms each here;
+    # more on a loaded machine). Without the budget: ~1 CPU s in these 1.5 s.
     cpu = server.cpu_seconds - cpu0
-    assert cpu <= 0.02 + 0.02 * elapsed + 0.02, (cpu, elapsed)
+    owed = 3 * server.max_connection_cpu + 0.01
+    assert cpu <= 0.02 + 0.02 * elapsed + owed, (cpu, elapsed, owed)
     # ... because the latest exposition was served again to waiting scrapers
     assert answered[0] >= 3 and budget.stale - stale0 >= 1, (answered, budget.stale)
     assert budget.fresh - fresh0 < answered[0]

@@ -81,6 +81,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._last_log = -float("inf")
         self._unlogged = 0
         self.cpu_seconds = 0.0
+        self.max_connection_cpu = 0.0  # the dearest connection's thread CPU seconds
         self.http_errors = 0  # connection errors of this server (the ErrorLog counts them too)
         super().__init__(*args, **kwargs)
 
@@ -209,6 +210,7 @@ class _QuietHandler(BaseRequestHandler):
         finally:
             cost = time.thread_time() - cpu
             server.cpu_seconds += cost
+            server.max_connection_cpu = max(server.max_connection_cpu, cost)
             if server.budget is not None:
                 server.budget.charge(cost)
 
