@@ -9,7 +9,8 @@ write there (the directory ours and not group/world-writable, every directory ab
 root's and writable by nobody else unless sticky, the file itself ours and not writable by
 others): otherwise the place is refused, with one log line, and the torch fallback runs. ctypes
 releases the GIL for the call; the C side splits large inputs over ``torch.get_num_threads()``
-pthreads.
+threads: those of torch's own OpenMP pool where torch runs on GNU OpenMP and the compiler is gcc
+(built with ``-fopenmp``; see :func:`_torch_openmp`), else pthreads started per call.
 """
 
 from __future__ import annotations
@@ -52,15 +53,23 @@ _COMMON_FLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",
 )
-MIN_ELEMENTS_PER_THREAD = 1 << 20
-"""The C side adds one thread per this many elements, up to torch.get_num_threads(). Measured
-(2 vCPUs, benchmarks/cpu_kernels.py --sweep): a thread create + join costs 30-40 us, so a second
-thread lost at 1M elements (225 vs 171 us) and won from 2M (302 vs 553 us)."""
+_OPENMP_FLAGS = ("-fopenmp", "-DGW_OPENMP")
+MIN_ELEMENTS_PER_THREAD: int | None = None
+"""The C side adds one thread per this many elements, up to torch.get_num_threads(); None: the
+default of the loaded build (:func:`min_elements_per_thread`)."""
+_PTHREAD_MIN_ELEMENTS = 1 << 20
+"""Per-call pthreads: measured (2 vCPUs, benchmarks/cpu_kernels.py --sweep) a thread create +
+join costs 30-40 us, so a second thread lost at 1M elements (225 vs 171 us) and won from 2M (302
+vs 553 us)."""
+_OPENMP_MIN_ELEMENTS = 1 << 16
+"""torch's OpenMP pool: its threads already exist; a second one won from 64K elements on
+(2 vCPUs, --sweep: 8 vs 9 us at 64K, 12 vs 18 us at 128K, 72 vs 138 us at 1M)."""
 
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # gw_partials once loaded
 _failure: str | None = None  # why the native path is unavailable (memoized, warned once)
 _lib_path: Path | None = None
+_openmp = False  # the loaded library runs its threads on torch's OpenMP pool
 _build_count = 0  # compiler runs in this process (tests check that a cached build is reused)
 
 
@@ -99,8 +108,9 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _flag_sets(cpu: str) -> list[tuple[str, ...]]:
-    """Flag sets to try in order: tuned for this CPU first, then generic."""
+def _flag_sets(cpu: str, openmp: bool = False) -> list[tuple[str, ...]]:
+    """Flag sets to try in order: tuned for this CPU first, then generic; with ``openmp`` (see
+    :func:`_torch_openmp`) the OpenMP builds first, then the pthread ones."""
     machine = platform.machine().lower()
     native: tuple[str, ...] = ()
     if machine in ("x86_64", "amd64"):
@@ -111,7 +121,39 @@ def _flag_sets(cpu: str) -> list[tuple[str, ...]]:
     elif machine in ("aarch64", "arm64"):
         native = ("-mcpu=native",)
     generic = _COMMON_FLAGS
-    return [generic + native, generic] if native else [generic]
+    sets = [generic + native, generic] if native else [generic]
+    if openmp:
+        sets = [s + _OPENMP_FLAGS for s in sets] + sets
+    return sets
+
+
+def _mapped_libgomp() -> set[str]:
+    """Paths of the GNU OpenMP runtimes mapped into this process."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if "libgomp" in line}
+    except OSError:
+        return set()
+    return {p for p in paths if os.path.basename(p).startswith("libgomp")}
+
+
+def _torch_openmp(compiler_version: str) -> bool:
+    """Build the OpenMP variant: torch runs its intra-op threads on GNU OpenMP, the one libgomp
+    in the process is ``libgomp.so.1`` (so the library's dependency resolves to torch's copy,
+    already loaded, and shares its thread pool instead of starting a second one), and the
+    compiler is gcc (clang's -fopenmp would link another runtime, libomp)."""
+    if not sys.platform.startswith("linux") or "clang" in compiler_version.lower():
+        return False
+    try:
+        if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            return False
+        gomp = _mapped_libgomp()
+        if len(gomp) != 1 or os.path.basename(next(iter(gomp))) != "libgomp.so.1":
+            return False
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except Exception:  # noqa: BLE001 - not loaded, or no way to tell: per-call pthreads
+        return False
+    return True
 
 
 def _cache_dir() -> Path:
@@ -219,6 +261,8 @@ def _load(path: Path) -> ctypes._CFuncPtr:
         ctypes.c_int64,  # min elements per thread
     ]
     fn.restype = ctypes.c_int
+    global _openmp
+    _openmp = bool(lib.gw_openmp())
     return fn
 
 
@@ -258,10 +302,11 @@ def _build_and_load() -> tuple[ctypes._CFuncPtr, Path]:
     version = res.stdout.strip()
     source = importlib.resources.files("gradwatch.kernels").joinpath(_SOURCE_NAME).read_bytes()
     cpu = _cpu_id()
+    openmp = _torch_openmp(version)
     errors: list[str] = []
     refused: list[str] = []  # directories or files another local user could have written
     dirs = [_cache_dir(), _fallback_cache_dir()]
-    for flags in _flag_sets(cpu):
+    for flags in _flag_sets(cpu, openmp):
         name = f"partials-{_key(source, cc, version, flags, cpu)}.so"
         for d in list(dirs):
             path = d / name
@@ -332,11 +377,12 @@ def native_available() -> bool:
 
 def _reset_state() -> None:
     """Forget the loaded library / memoized failure (tests: switch CC or cache dir)."""
-    global _fn, _failure, _lib_path
+    global _fn, _failure, _lib_path, _openmp
     with _lock:
         _fn = None
         _failure = None
         _lib_path = None
+        _openmp = False
 
 
 # ---- call --------------------------------------------------------------------------------------
@@ -366,6 +412,13 @@ _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
 _get_dtype = torch.Tensor.dtype.__get__
 _get_is_cpu = torch.Tensor.is_cpu.__get__
+
+
+def min_elements_per_thread() -> int:
+    """Elements per thread below which the C side does not add one (see the constants above)."""
+    if MIN_ELEMENTS_PER_THREAD is not None:
+        return MIN_ELEMENTS_PER_THREAD
+    return _OPENMP_MIN_ELEMENTS if _openmp else _PTHREAD_MIN_ELEMENTS
 
 
 def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -413,7 +466,7 @@ def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         b.codes[:n] = DTYPE_CODES[next(iter(dtypes))]
     else:
         b.codes[:n] = [DTYPE_CODES[t.dtype] for t in ts]
-    rc = fn(n, *b.addrs, out.data_ptr(), torch.get_num_threads(), MIN_ELEMENTS_PER_THREAD)
+    rc = fn(n, *b.addrs, out.data_ptr(), torch.get_num_threads(), min_elements_per_thread())
     if rc < 0:
         raise RuntimeError(f"gw_partials failed with code {rc}")
     del keep
