@@ -37,7 +37,7 @@ import torch
 from gradwatch.kernels import N_PARTIALS
 from gradwatch.kernels.torch_fallback import DTYPE_CODES, is_non_overlapping_and_dense
 
-__all__ = ["native_available", "native_partials"]
+__all__ = ["native_available", "native_partials", "native_partials_prepared"]
 
 _LOG = logging.getLogger("gradwatch")
 
@@ -460,14 +460,43 @@ def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 ptrs[i] = c.data_ptr()
     b = _bufs
     b.ensure(n)
-    b.ptrs[:n] = ptrs
     b.counts[:n] = list(map(_numel, ts))
+    _call(fn, ts, ptrs, b.addrs[1], dtypes, out)
+    del keep
+    return out
+
+
+def native_partials_prepared(
+    tensors: Sequence[torch.Tensor], dtypes: set[torch.dtype], counts: np.ndarray
+) -> torch.Tensor:
+    """:func:`native_partials` without its checks, for a caller that has made them: every
+    tensor a contiguous plain CPU tensor, ``dtypes`` the set of their dtypes (all in
+    DTYPE_CODES), ``counts`` a C-contiguous int64 array of their ``numel()``."""
+    fn = _get_fn()
+    if fn is None:
+        raise RuntimeError(f"native CPU kernel unavailable: {_failure}")
+    n = len(tensors)
+    if counts.dtype != np.int64 or counts.shape != (n,) or not counts.flags.c_contiguous:
+        raise ValueError("counts must be a C-contiguous int64 array of one count per tensor")
+    out = torch.empty((n, N_PARTIALS), dtype=torch.float64)
+    if n:
+        _bufs.ensure(n)
+        _call(fn, tensors, list(map(_data_ptr, tensors)), counts.ctypes.data, dtypes, out)
+    return out
+
+
+def _call(fn, ts: Sequence[torch.Tensor], ptrs: list[int], counts_addr: int, dtypes, out) -> None:
+    """One gw_partials call over ``ts`` (n >= 1; this thread's buffers hold room for n)."""
+    n = len(ts)
+    b = _bufs
+    b.ptrs[:n] = ptrs
     if len(dtypes) == 1:
         b.codes[:n] = DTYPE_CODES[next(iter(dtypes))]
     else:
         b.codes[:n] = [DTYPE_CODES[t.dtype] for t in ts]
-    rc = fn(n, *b.addrs, out.data_ptr(), torch.get_num_threads(), min_elements_per_thread())
+    threads = torch.get_num_threads()
+    rc = fn(
+        n, b.addrs[0], counts_addr, b.addrs[2], out.data_ptr(), threads, min_elements_per_thread()
+    )
     if rc < 0:
         raise RuntimeError(f"gw_partials failed with code {rc}")
-    del keep
-    return out
