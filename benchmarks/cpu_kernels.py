@@ -71,7 +71,7 @@ class PyThreads:
         fn = cpu_native._get_fn()
         counts = [t.numel() for t in ts]
         total = sum(counts)
-        nt = max(1, min(self.n, total // cpu_native.min_elements_per_thread()))
+        nt = max(1, min(self.n, total // cpu_native.MIN_ELEMENTS_PER_THREAD))
         # pieces: (tensor index, begin, end) per worker
         work: list[list[tuple[int, int, int]]] = [[] for _ in range(nt)]
         per = -(-total // nt)

@@ -54,16 +54,15 @@ _COMMON_FLAGS = (
     "-fno-trapping-math",
 )
 _OPENMP_FLAGS = ("-fopenmp", "-DGW_OPENMP")
-MIN_ELEMENTS_PER_THREAD: int | None = None
-"""The C side adds one thread per this many elements, up to torch.get_num_threads(); None: the
-default of the loaded build (:func:`min_elements_per_thread`)."""
-_PTHREAD_MIN_ELEMENTS = 1 << 20
-"""Per-call pthreads: measured (2 vCPUs, benchmarks/cpu_kernels.py --sweep) a thread create +
-join costs 30-40 us, so a second thread lost at 1M elements (225 vs 171 us) and won from 2M (302
-vs 553 us)."""
-_OPENMP_MIN_ELEMENTS = 1 << 16
-"""torch's OpenMP pool: its threads already exist; a second one won from 64K elements on
-(2 vCPUs, --sweep: 8 vs 9 us at 64K, 12 vs 18 us at 128K, 72 vs 138 us at 1M)."""
+MIN_ELEMENTS_PER_THREAD = 1 << 20
+"""The C side adds one thread per this many elements, up to torch.get_num_threads(). Measured
+(2 vCPUs, benchmarks/cpu_kernels.py --sweep): a pthread create + join costs 30-40 us, so a
+second one lost at 1M elements (225 vs 171 us) and won from 2M (302 vs 553 us). On torch's
+OpenMP pool a second thread already wins from 64K elements in wall time (12 vs 18 us at 128K,
+72 vs 138 us at 1M), but waking it costs the CPU of its spin-wait afterwards: in SGD steps over
+4000 tensors (0.3M elements), split at 64K elements per thread vs not split, the same added wall
+time and +3.5 ms of CPU per step (21 interleaved rounds, twice). The same threshold for both:
+a second thread only where it saves ~100 us or more."""
 
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # gw_partials once loaded
@@ -414,13 +413,6 @@ _get_dtype = torch.Tensor.dtype.__get__
 _get_is_cpu = torch.Tensor.is_cpu.__get__
 
 
-def min_elements_per_thread() -> int:
-    """Elements per thread below which the C side does not add one (see the constants above)."""
-    if MIN_ELEMENTS_PER_THREAD is not None:
-        return MIN_ELEMENTS_PER_THREAD
-    return _OPENMP_MIN_ELEMENTS if _openmp else _PTHREAD_MIN_ELEMENTS
-
-
 def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Partials [T, 6] float64 (see ``gradwatch.kernels``) of CPU fp32/fp16/bf16/fp64 tensors.
 
@@ -496,7 +488,7 @@ def _call(fn, ts: Sequence[torch.Tensor], ptrs: list[int], counts_addr: int, dty
         b.codes[:n] = [DTYPE_CODES[t.dtype] for t in ts]
     threads = torch.get_num_threads()
     rc = fn(
-        n, b.addrs[0], counts_addr, b.addrs[2], out.data_ptr(), threads, min_elements_per_thread()
+        n, b.addrs[0], counts_addr, b.addrs[2], out.data_ptr(), threads, MIN_ELEMENTS_PER_THREAD
     )
     if rc < 0:
         raise RuntimeError(f"gw_partials failed with code {rc}")
