@@ -14,7 +14,8 @@ Each variant steps its own SGD optimizer over the same parameters (only gradwatc
 watched); every hook lists the gradients from the optimizer's param groups, as gradwatch does.
 "added" is the median over rounds of (variant step - no-telemetry step of the same round), wall
 (perf_counter) and CPU (process_time: every thread of the process, spin-waits included); "read
-passes" divides it by the median of a plain read pass timed alone in the same rounds.
+passes" divides it by the median wall (resp. CPU) time of a plain read pass timed alone in the
+same rounds (torch sums a large tensor on every thread: its CPU time can be ~2x its wall).
 Shapes: a ~25M-parameter transformer-like stack (51 tensors) and 1000 x (Linear(16, 16) +
 LayerNorm(16)) (4000 tensors). Then scaling: the added time of a bare SGD step over synthetic
 gradients, by tensor count (100 .. 100k tensors of 64 elements) and by element count (16
@@ -242,7 +243,7 @@ def _added_table(
         dc = statistics.median([a - b for a, b in zip(cpu[k], cpu["no telemetry"], strict=True)])
         added[k] = dw
         rows.append(
-            f"| {k} | {dw * 1e3:.2f} | {dw / rp:.2f} | {dc * 1e3:.2f} | {dc / rp:.2f} |"
+            f"| {k} | {dw * 1e3:.2f} | {dw / rp:.2f} | {dc * 1e3:.2f} | {dc / rp_cpu:.2f} |"
             f" {dw * 1e6 / n_tensors:.2f} |"
         )
     return rows, added
