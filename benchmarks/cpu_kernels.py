@@ -9,7 +9,7 @@ round-robin so machine noise hits every one alike:
   (c) norm().item()  per-tensor `.norm().item()` loop
   (d) torch_partials the pure-torch fallback (all six partials, float64-exact)
   (e) native 1 thr   native_partials with torch.set_num_threads(1)
-  (e) native N thr   native_partials with all torch threads (pthreads inside C)
+  (e) native N thr   native_partials with all torch threads (torch's OpenMP pool or pthreads)
   (f) native pyth.   the same C function driven by N Python threads (ctypes releases the GIL)
 
 Run:  PYTHONPATH=src python benchmarks/cpu_kernels.py [--repeats 20] [--sweep] [--scaling]
@@ -127,15 +127,14 @@ def bench(cands: dict, repeats: int, stat: Callable = statistics.median) -> dict
 def table(name: str, ts: list[torch.Tensor], repeats: int, nthreads: int) -> str:
     nbytes = sum(t.numel() * t.element_size() for t in ts)
     pyth = PyThreads(nthreads)
+    pool = "torch's OpenMP pool" if cpu_native._openmp else "pthreads"
     cands: dict[str, Callable[[], object]] = {
         "(a) read floor: t.sum() per tensor": lambda: [t.sum() for t in ts],
         "(b) torch.nn.utils.get_total_norm": lambda: torch.nn.utils.get_total_norm(ts),
         "(c) [t.norm().item() for t in ts]": lambda: [t.norm().item() for t in ts],
         "(d) torch_partials": lambda: torch_partials(ts),
         "(e) native_partials, 1 thread": lambda: native_one_thread(ts),
-        f"(e) native_partials, {nthreads} threads (pthreads)": lambda: cpu_native.native_partials(
-            ts
-        ),
+        f"(e) native_partials, {nthreads} threads ({pool})": lambda: cpu_native.native_partials(ts),
         f"(f) native via {nthreads} Python threads": lambda: pyth(ts),
     }
     runs = bench(cands, repeats, stat=lambda v: (statistics.median(v), min(v)))
@@ -161,8 +160,9 @@ def sweep(repeats: int, nthreads: int) -> str:
     where splitting starts to pay, to choose MIN_ELEMENTS_PER_THREAD."""
     fn = cpu_native._get_fn()
     ks = sorted({1 << i for i in range(nthreads.bit_length())} | {nthreads})
+    kind = "OpenMP threads" if cpu_native._openmp else "pthreads"
     lines = [
-        "### thread threshold: one fp32 tensor, us with k pthreads (best in bold)",
+        f"### thread threshold: one fp32 tensor, us with k {kind} (best in bold)",
         "",
         "| elements | " + " | ".join(f"k={k}" for k in ks) + " |",
         "|---:|" + "---:|" * len(ks),

@@ -102,3 +102,14 @@ def test_exposition_names_help_and_units_come_from_the_catalog():
         assert sample in samples, s.prom_name
     # no scope labels (they bloat every series); ranks always there
     assert "otel_scope_name" not in text
+
+
+def test_readme_serving_limits_come_from_the_code(monkeypatch):
+    """The figures of the reliability section are generated: change the code, the README is
+    stale (the scrape budget and deadlines can never drift from what the server does)."""
+    from gradwatch import serving
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"**{serving._Server.head_timeout:g} s in all**" in text
+    monkeypatch.setattr(serving._Server, "head_timeout", 7.0)
+    assert render(text) != text and "**7 s in all**" in render(text)

@@ -224,6 +224,50 @@ def test_many_threads_and_chunk_splits(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.set_num_threads(before)
 
 
+def _torch_on_gnu_openmp() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info() and [
+        os.path.basename(p) for p in cpu_native._mapped_libgomp()
+    ] == ["libgomp.so.1"]
+
+
+def test_threads_share_torchs_openmp_pool() -> None:
+    """Where torch runs on libgomp.so.1 (Linux wheels) the kernel is built with -fopenmp and
+    joins torch's pool: still one OpenMP runtime in the process, no thread of its own left."""
+    _require_native()
+    if not _torch_on_gnu_openmp():
+        assert not cpu_native._openmp
+        pytest.skip("torch does not run on GNU OpenMP (libgomp.so.1) here")
+    assert cpu_native._openmp
+    before = threading.active_count()
+    x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(8))
+    assert_partials_close(cpu_native.native_partials([x, x[1:]]), [x, x[1:]])
+    assert len(cpu_native._mapped_libgomp()) == 1
+    assert threading.active_count() == before
+
+
+def test_pthread_build_when_openmp_is_not_torchs(fresh_native: pytest.MonkeyPatch) -> None:
+    """Without torch's libgomp (another OpenMP runtime, or none) the per-call pthread build."""
+    fresh_native.setattr(cpu_native, "_torch_openmp", lambda version: False)
+    _require_native()
+    assert not cpu_native._openmp
+    x = torch.randn(2_500_000, generator=torch.Generator().manual_seed(9))
+    x[1_700_000] = float("inf")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_partials_close(cpu_native.native_partials([x]), [x])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_openmp_flags_first_then_pthreads() -> None:
+    sets = cpu_native._flag_sets("", openmp=True)
+    omp = [s for s in sets if "-fopenmp" in s]
+    assert omp and sets[: len(omp)] == omp and len(sets) == 2 * len(omp)
+    assert all("-fopenmp" not in s for s in cpu_native._flag_sets("", openmp=False))
+    assert not cpu_native._torch_openmp("clang version 18.1.3")
+
+
 def test_large_tensor_default_threads(partials: Callable) -> None:
     x = torch.randn(1_500_007, generator=torch.Generator().manual_seed(4))
     x[750_000] = float("nan")

@@ -336,3 +336,39 @@ def test_group_series_are_capped_with_one_warning(backend, caplog):
         overflow["grad_l2_norm"], rel=1e-12
     )
     assert sum("GRADWATCH_MAX_GROUPS" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_fast_listing_matches_the_per_tensor_one_and_follows_size_changes(backend):
+    """The one-pass-per-property listing gives what the per-tensor one gives (groups, frozen
+    params, mixed dtypes); cached element counts follow a parameter whose size changed."""
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))
+    c, d = nn.Parameter(torch.randn(7, dtype=torch.float64)), nn.Parameter(torch.randn(2))
+    opt = torch.optim.SGD([{"params": [a, b]}, {"params": [c, d], "lr": 0.2}], lr=0.1)
+    handle = gradwatch.watch(None, opt, port=0, backend=backend)
+    try:
+        for with_grad in ([a, b, c, d], [b, d], [a, c], [a, b, c, d]):
+            keep = {id(p) for p in with_grad}
+            for p in (a, b, c, d):
+                p.grad = torch.randn_like(p) if id(p) in keep else None
+            opt.step()
+            watch = handle.session.watches()[0]
+            fast = watch._params_with_grads()
+            assert watch._listed_cpu
+            slow = watch._params_with_grads_listed()
+            assert (
+                [id(p) for p in fast[0]] == [id(p) for p in slow[0]] == [id(p) for p in with_grad]
+            )
+            assert all(x is y for x, y in zip(fast[1], slow[1], strict=True))
+            assert fast[2] == slow[2]
+            latest = watch.latest
+            want = [float((p.grad.double() ** 2).sum()) for p in with_grad]
+            np.testing.assert_allclose(latest.partials[:, 0], want, rtol=1e-12)
+            assert latest.numel.tolist() == [p.numel() for p in with_grad]
+        b.data = torch.randn(6, 4)  # same parameter, new size: the counts must follow
+        a.grad, b.grad, c.grad, d.grad = torch.ones(5), torch.ones(6, 4), None, None
+        opt.step()
+        latest = handle.session.watches()[0].latest
+        assert latest.numel.tolist() == [5, 24]
+        assert latest.partials[:, 0].tolist() == [5.0, 24.0]
+    finally:
+        handle.close()

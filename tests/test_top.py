@@ -118,3 +118,47 @@ def test_top_once_and_bad_targets(tmp_path: Path):
     )
     assert out.returncode == 1, out.stdout + out.stderr  # nothing answered
     assert "Connection refused" in out.stdout or "URLError" in out.stdout, out.stdout
+
+
+def test_top_over_tls(tmp_path: Path):
+    """https targets: the view verifies the server with --cacert (a self-signed certificate for
+    127.0.0.1 made here with openssl) and shows the run's numbers."""
+    import torch
+
+    import gradwatch
+
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("openssl is not installed")
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, port=0, tls_cert=str(cert), tls_key=str(key)) as h:
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        url = f"https://127.0.0.1:{h.port}/metrics"
+        out = subprocess.run(
+            [sys.executable, "-m", "gradwatch.cli", "top", url, "--once", "--cacert", str(cert)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        norm = h.latest().get("grad_l2_norm")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{norm:.4g}" in out.stdout, out.stdout
+    # without the CA the certificate is refused, shown in the view, and nothing is trusted
+    with gradwatch.watch(model, opt, port=0, tls_cert=str(cert), tls_key=str(key)) as h:
+        opt.step()
+        out = subprocess.run(
+            [sys.executable, "-m", "gradwatch.cli", "top", f"https://127.0.0.1:{h.port}/metrics",
+             "--once"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in out.stdout, out.stdout

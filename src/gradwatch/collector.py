@@ -22,6 +22,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain, compress, repeat
+from operator import is_not
 
 import numpy as np
 import torch
@@ -36,6 +38,14 @@ log = logging.getLogger("gradwatch")
 
 _REDUCIBLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _STRIDED = torch.strided
+_STRIDED_ONLY = {torch.strided}
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+# Unbound C-level accessors: map() over them costs a fraction of a Python-level loop per tensor.
+_get_grad = torch.Tensor.grad.__get__
+_get_is_cpu = torch.Tensor.is_cpu.__get__
+_get_dtype = torch.Tensor.dtype.__get__
+_get_layout = torch.Tensor.layout.__get__
+_numel = torch.Tensor.numel
 RING_SLOTS = 2  # results in flight per device before a new sample is dropped
 NONFINITE_NAMES = 5  # params named in grad_nonfinite_param_info and the incident log line
 INCIDENT_LOG_INTERVAL_S = 60.0  # at most one non-finite incident line per this many seconds
@@ -246,6 +256,10 @@ class OptimizerWatch:
         self._names: dict[int, str] | None = None
         self._layout_key: tuple[int, ...] | None = None
         self._layout: Layout | None = None
+        self._listed_cpu = False  # the last listing's gradients are all strided CPU ones
+        self._listed_dtypes: set[torch.dtype] = set()  # and of these (reducible) dtypes
+        # element counts of the last collected plain gradients: (list, int64 array, float64 array)
+        self._counts: tuple[list[int], np.ndarray, np.ndarray] | None = None
         self._backends: dict[torch.device, Backend] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._inflight: deque[_InFlight] = deque()
@@ -504,7 +518,7 @@ class OptimizerWatch:
         self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
 
     def _layout_for(self, params: list[torch.nn.Parameter], group_of: list[int]) -> Layout:
-        key = tuple(id(p) for p in params)
+        key = tuple(map(id, params))
         if key != self._layout_key or self._layout is None:
             if self._names is None:
                 self._names = self._name_source()
@@ -564,6 +578,36 @@ class OptimizerWatch:
         return backend
 
     def _params_with_grads(self):
+        """(params, grads, group index of each) of the gradients the kernels can read, in
+        param-group order (sorted by device when on several). One C-level pass per property
+        checked when every gradient is a strided CPU one of a reducible dtype (the usual case);
+        otherwise the per-tensor listing, which also logs and counts the unreducible ones."""
+        groups = self.optimizer_ref.param_groups
+        params = list(chain.from_iterable([g["params"] for g in groups]))
+        grads = list(map(_get_grad, params))
+        group_of = list(
+            chain.from_iterable([repeat(i, len(g["params"])) for i, g in enumerate(groups)])
+        )
+        if len(group_of) == len(params):
+            present = list(map(is_not, grads, repeat(None)))
+            if not all(present):
+                params = list(compress(params, present))
+                grads = list(compress(grads, present))
+                group_of = list(compress(group_of, present))
+            if (
+                grads
+                and all(map(_get_is_cpu, grads))  # also: no meta tensor
+                and set(map(_get_layout, grads)) == _STRIDED_ONLY
+                and (dtypes := set(map(_get_dtype, grads))) <= _REDUCIBLE_DTYPES
+            ):
+                self._unreduced_now = 0
+                self._listed_cpu = True
+                self._listed_dtypes = dtypes
+                return params, grads, group_of
+        self._listed_cpu = False
+        return self._params_with_grads_listed()
+
+    def _params_with_grads_listed(self):
         params: list[torch.nn.Parameter] = []
         grads: list[torch.Tensor] = []
         group_of: list[int] = []
@@ -656,10 +700,29 @@ class OptimizerWatch:
             return
         device = grads[0].device
         layout = self._layout_for(params, group_of)
-        # DTensor grads (FSDP2): local shards, rows owned by this rank, full numel.
-        view = distributed.local_view(grads, self.config.distributed)
+        prepared = None
+        if self._listed_cpu and set(map(type, grads)) <= _PLAIN_TYPES:
+            # plain CPU tensors (no DTensor): the kernel's checks are done, counts shared
+            counts = list(map(_numel, grads))
+            cached = self._counts
+            if cached is None or cached[0] != counts:
+                arr = np.array(counts, dtype=np.int64)
+                as_float = arr.astype(np.float64)
+                arr.flags.writeable = as_float.flags.writeable = False  # shared by readouts
+                cached = self._counts = (counts, arr, as_float)
+            view = distributed.LocalView(grads, None, cached[2], False)
+            prepared = (self._listed_dtypes, cached[1])
+        else:
+            # DTensor grads (FSDP2): local shards, rows owned by this rank, full numel.
+            view = distributed.local_view(grads, self.config.distributed)
         grads, numel = view.tensors, view.numel
         context, device_values = self._context(clip)
+        if prepared is not None:
+            local = self._backend(device).reduce(grads, prepared)
+            for key, t in device_values:
+                context[key] = float(t)
+            self._publish_host(local, layout, numel, context)
+            return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)

@@ -7,10 +7,12 @@ from collections.abc import Callable
 
 from .catalog import markdown_table
 from .config import settings_markdown
+from .serving import limits_markdown
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "metrics": markdown_table,
     "settings": settings_markdown,
+    "limits": limits_markdown,
 }
 
 

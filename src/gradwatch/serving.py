@@ -648,3 +648,31 @@ def metrics_only(
         return [b"not found: gradwatch serves /metrics\n"]
 
     return wrapped
+
+
+def limits_markdown() -> str:
+    """README's list of the serving limits, generated from the values the code uses."""
+    import inspect
+
+    budget = {
+        k: v.default for k, v in inspect.signature(ScrapeBudget.__init__).parameters.items()
+    }
+    head, write = _Server.head_timeout, _Server.write_timeout
+    lines = [
+        f"- the request head, TLS handshake included, must arrive within **{head:g} s in all**"
+        f" (not per byte: a slowloris connection is dropped at {head:g} s); a response must be"
+        f" written within **{write:g} s in all**, in the connection's own thread, so a client"
+        " that never reads holds only that thread;",
+        f"- at most **{_Server.max_connections} connections**; past that the oldest idle one"
+        " (reading its head or writing its response) is dropped for the new one;",
+        f"- HTTP/0.9, bytes that are not HTTP, heads over {_Server.max_head_bytes // 1024} KiB"
+        " and malformed headers are answered at once (505, 400, 414, 431) and closed;",
+        f"- the server's CPU time is bounded: **{budget['cpu_share']:.0%} of a core** on average"
+        f" (burst {budget['burst']:g} CPU s), measured per connection with `time.thread_time()`"
+        " (accept, TLS, request, exposition, write). Connections start in arrival order while"
+        f" the budget is not in debt (one still waiting at its {head:g} s head deadline is"
+        " dropped); while others wait, the latest exposition (at most"
+        f" {budget['max_stale']:g} s old) is served again instead of a new one. A lone scraper"
+        " always gets a fresh exposition, after waiting for its cost when the budget is short.",
+    ]
+    return "\n".join(lines) + "\n"

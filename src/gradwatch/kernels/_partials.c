@@ -270,7 +270,14 @@ static void reduce_range(uint64_t ptr, int8_t dt, int64_t begin, int64_t end, gw
  * straight to `out` (no other thread touches them); the at most two tensors it covers only in
  * part go to `part` and are merged by the caller after the join.  Threads are created per call,
  * only above a size threshold (a create + join measured 30-40 us in a VM): no persistent pool,
- * so nothing to go wrong across fork() or at exit. */
+ * so nothing to go wrong across fork() or at exit.
+ *
+ * Built with -fopenmp -DGW_OPENMP (only when torch's own libgomp.so.1 is loaded, see
+ * cpu_native.py) the shares run on an OpenMP team instead: the same thread pool as torch's
+ * intra-op threads.  Right after backward those threads still spin-wait for work (libgomp's
+ * default), so a pthread of ours would share a core with a spinning one: measured on 2 vCPUs in a
+ * training step, the pthread split took 1.6-2x the time of torch.sum over the same gradients,
+ * the OpenMP one ~1x (the spinning thread takes the work at once). */
 typedef struct gw_work {
     struct gw_work *all; /* work[0 .. nt) */
     int64_t nt;
@@ -328,6 +335,13 @@ static void *run_tree(void *arg) {
 #define GW_MAX_THREADS 128 /* work[] lives on the caller's stack */
 
 int gw_abi_version(void) { return GW_ABI_VERSION; }
+
+/* 1 when the shares run on an OpenMP team (torch's pool), 0 with per-call pthreads. */
+#ifdef GW_OPENMP
+int gw_openmp(void) { return 1; }
+#else
+int gw_openmp(void) { return 0; }
+#endif
 
 /* Which fp16 conversion the build uses (0 portable, 1 F16C, 2 AVX-512, 3 AArch64). */
 int gw_fp16_path(void) { return GW_FP16_PATH; }
@@ -392,7 +406,12 @@ int gw_partials(int64_t n, const uint64_t *ptrs, const int64_t *counts, const in
         w->o1 = bo[k + 1];
     }
 
+#ifdef GW_OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int64_t k = 0; k < nt; k++) run_work(&work[k]);
+#else
     run_tree(&work[0]);
+#endif
 
     /* Merge the partly covered tensors; their pieces come in increasing tensor order. */
     int64_t cur = -1;

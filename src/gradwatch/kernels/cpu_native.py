@@ -9,7 +9,8 @@ write there (the directory ours and not group/world-writable, every directory ab
 root's and writable by nobody else unless sticky, the file itself ours and not writable by
 others): otherwise the place is refused, with one log line, and the torch fallback runs. ctypes
 releases the GIL for the call; the C side splits large inputs over ``torch.get_num_threads()``
-pthreads.
+threads: those of torch's own OpenMP pool where torch runs on GNU OpenMP and the compiler is gcc
+(built with ``-fopenmp``; see :func:`_torch_openmp`), else pthreads started per call.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from gradwatch.kernels import N_PARTIALS
 from gradwatch.kernels.torch_fallback import DTYPE_CODES, is_non_overlapping_and_dense
 
-__all__ = ["native_available", "native_partials"]
+__all__ = ["native_available", "native_partials", "native_partials_prepared"]
 
 _LOG = logging.getLogger("gradwatch")
 
@@ -52,15 +53,22 @@ _COMMON_FLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",
 )
+_OPENMP_FLAGS = ("-fopenmp", "-DGW_OPENMP")
 MIN_ELEMENTS_PER_THREAD = 1 << 20
 """The C side adds one thread per this many elements, up to torch.get_num_threads(). Measured
-(2 vCPUs, benchmarks/cpu_kernels.py --sweep): a thread create + join costs 30-40 us, so a second
-thread lost at 1M elements (225 vs 171 us) and won from 2M (302 vs 553 us)."""
+(2 vCPUs, benchmarks/cpu_kernels.py --sweep): a pthread create + join costs 30-40 us, so a
+second one lost at 1M elements (225 vs 171 us) and won from 2M (302 vs 553 us). On torch's
+OpenMP pool a second thread already wins from 64K elements in wall time (12 vs 18 us at 128K,
+72 vs 138 us at 1M), but waking it costs the CPU of its spin-wait afterwards: in SGD steps over
+4000 tensors (0.3M elements), split at 64K elements per thread vs not split, the same added wall
+time and +3.5 ms of CPU per step (21 interleaved rounds, twice). The same threshold for both:
+a second thread only where it saves ~100 us or more."""
 
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # gw_partials once loaded
 _failure: str | None = None  # why the native path is unavailable (memoized, warned once)
 _lib_path: Path | None = None
+_openmp = False  # the loaded library runs its threads on torch's OpenMP pool
 _build_count = 0  # compiler runs in this process (tests check that a cached build is reused)
 
 
@@ -99,8 +107,9 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _flag_sets(cpu: str) -> list[tuple[str, ...]]:
-    """Flag sets to try in order: tuned for this CPU first, then generic."""
+def _flag_sets(cpu: str, openmp: bool = False) -> list[tuple[str, ...]]:
+    """Flag sets to try in order: tuned for this CPU first, then generic; with ``openmp`` (see
+    :func:`_torch_openmp`) the OpenMP builds first, then the pthread ones."""
     machine = platform.machine().lower()
     native: tuple[str, ...] = ()
     if machine in ("x86_64", "amd64"):
@@ -111,7 +120,39 @@ def _flag_sets(cpu: str) -> list[tuple[str, ...]]:
     elif machine in ("aarch64", "arm64"):
         native = ("-mcpu=native",)
     generic = _COMMON_FLAGS
-    return [generic + native, generic] if native else [generic]
+    sets = [generic + native, generic] if native else [generic]
+    if openmp:
+        sets = [s + _OPENMP_FLAGS for s in sets] + sets
+    return sets
+
+
+def _mapped_libgomp() -> set[str]:
+    """Paths of the GNU OpenMP runtimes mapped into this process."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if "libgomp" in line}
+    except OSError:
+        return set()
+    return {p for p in paths if os.path.basename(p).startswith("libgomp")}
+
+
+def _torch_openmp(compiler_version: str) -> bool:
+    """Build the OpenMP variant: torch runs its intra-op threads on GNU OpenMP, the one libgomp
+    in the process is ``libgomp.so.1`` (so the library's dependency resolves to torch's copy,
+    already loaded, and shares its thread pool instead of starting a second one), and the
+    compiler is gcc (clang's -fopenmp would link another runtime, libomp)."""
+    if not sys.platform.startswith("linux") or "clang" in compiler_version.lower():
+        return False
+    try:
+        if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            return False
+        gomp = _mapped_libgomp()
+        if len(gomp) != 1 or os.path.basename(next(iter(gomp))) != "libgomp.so.1":
+            return False
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except Exception:  # noqa: BLE001 - not loaded, or no way to tell: per-call pthreads
+        return False
+    return True
 
 
 def _cache_dir() -> Path:
@@ -219,6 +260,8 @@ def _load(path: Path) -> ctypes._CFuncPtr:
         ctypes.c_int64,  # min elements per thread
     ]
     fn.restype = ctypes.c_int
+    global _openmp
+    _openmp = bool(lib.gw_openmp())
     return fn
 
 
@@ -258,10 +301,11 @@ def _build_and_load() -> tuple[ctypes._CFuncPtr, Path]:
     version = res.stdout.strip()
     source = importlib.resources.files("gradwatch.kernels").joinpath(_SOURCE_NAME).read_bytes()
     cpu = _cpu_id()
+    openmp = _torch_openmp(version)
     errors: list[str] = []
     refused: list[str] = []  # directories or files another local user could have written
     dirs = [_cache_dir(), _fallback_cache_dir()]
-    for flags in _flag_sets(cpu):
+    for flags in _flag_sets(cpu, openmp):
         name = f"partials-{_key(source, cc, version, flags, cpu)}.so"
         for d in list(dirs):
             path = d / name
@@ -332,11 +376,12 @@ def native_available() -> bool:
 
 def _reset_state() -> None:
     """Forget the loaded library / memoized failure (tests: switch CC or cache dir)."""
-    global _fn, _failure, _lib_path
+    global _fn, _failure, _lib_path, _openmp
     with _lock:
         _fn = None
         _failure = None
         _lib_path = None
+        _openmp = False
 
 
 # ---- call --------------------------------------------------------------------------------------
@@ -407,14 +452,43 @@ def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 ptrs[i] = c.data_ptr()
     b = _bufs
     b.ensure(n)
-    b.ptrs[:n] = ptrs
     b.counts[:n] = list(map(_numel, ts))
+    _call(fn, ts, ptrs, b.addrs[1], dtypes, out)
+    del keep
+    return out
+
+
+def native_partials_prepared(
+    tensors: Sequence[torch.Tensor], dtypes: set[torch.dtype], counts: np.ndarray
+) -> torch.Tensor:
+    """:func:`native_partials` without its checks, for a caller that has made them: every
+    tensor a contiguous plain CPU tensor, ``dtypes`` the set of their dtypes (all in
+    DTYPE_CODES), ``counts`` a C-contiguous int64 array of their ``numel()``."""
+    fn = _get_fn()
+    if fn is None:
+        raise RuntimeError(f"native CPU kernel unavailable: {_failure}")
+    n = len(tensors)
+    if counts.dtype != np.int64 or counts.shape != (n,) or not counts.flags.c_contiguous:
+        raise ValueError("counts must be a C-contiguous int64 array of one count per tensor")
+    out = torch.empty((n, N_PARTIALS), dtype=torch.float64)
+    if n:
+        _bufs.ensure(n)
+        _call(fn, tensors, list(map(_data_ptr, tensors)), counts.ctypes.data, dtypes, out)
+    return out
+
+
+def _call(fn, ts: Sequence[torch.Tensor], ptrs: list[int], counts_addr: int, dtypes, out) -> None:
+    """One gw_partials call over ``ts`` (n >= 1; this thread's buffers hold room for n)."""
+    n = len(ts)
+    b = _bufs
+    b.ptrs[:n] = ptrs
     if len(dtypes) == 1:
         b.codes[:n] = DTYPE_CODES[next(iter(dtypes))]
     else:
         b.codes[:n] = [DTYPE_CODES[t.dtype] for t in ts]
-    rc = fn(n, *b.addrs, out.data_ptr(), torch.get_num_threads(), MIN_ELEMENTS_PER_THREAD)
+    threads = torch.get_num_threads()
+    rc = fn(
+        n, b.addrs[0], counts_addr, b.addrs[2], out.data_ptr(), threads, MIN_ELEMENTS_PER_THREAD
+    )
     if rc < 0:
         raise RuntimeError(f"gw_partials failed with code {rc}")
-    del keep
-    return out

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger("gradwatch")
@@ -21,12 +22,22 @@ class Backend:
 
     name: str
     partials: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    # ``partials`` for contiguous tensors the caller has checked (see ``reduce``), if it has one
+    prepared: Callable[[Sequence[torch.Tensor], set, np.ndarray], torch.Tensor] | None = None
 
-    def reduce(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def reduce(
+        self, tensors: Sequence[torch.Tensor], prepared: tuple[set, np.ndarray] | None = None
+    ) -> torch.Tensor:
         """``partials``, but a strided tensor that is not dense (``x[:, ::2]``), which a kernel
         can only read through a contiguous copy, is reduced in chunks of at most
-        STRIDED_CHUNK_ELEMENTS elements: transient memory stays bounded. Sync-free."""
+        STRIDED_CHUNK_ELEMENTS elements: transient memory stays bounded. Sync-free.
+
+        ``prepared``: (set of the tensors' dtypes, int64 array of their numel) from a caller
+        that has checked that every tensor is a plain (not a subclass) CPU tensor of a dtype
+        the kernels read; lets the native kernel skip its own checks."""
         if all(map(_is_contiguous, tensors)):  # the usual case: one C call per tensor
+            if prepared is not None and self.prepared is not None:
+                return self.prepared(tensors, *prepared)
             return self.partials(tensors)
         from .torch_fallback import is_non_overlapping_and_dense
 
@@ -86,9 +97,11 @@ def _torch(device: torch.device) -> Backend:
 
 
 def _native() -> Backend | None:
-    from .cpu_native import native_available, native_partials
+    from .cpu_native import native_available, native_partials, native_partials_prepared
 
-    return Backend("native", native_partials) if native_available() else None
+    if not native_available():
+        return None
+    return Backend("native", native_partials, native_partials_prepared)
 
 
 def _triton() -> Backend | None:
