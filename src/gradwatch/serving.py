@@ -654,9 +654,7 @@ def limits_markdown() -> str:
     """README's list of the serving limits, generated from the values the code uses."""
     import inspect
 
-    budget = {
-        k: v.default for k, v in inspect.signature(ScrapeBudget.__init__).parameters.items()
-    }
+    budget = {k: v.default for k, v in inspect.signature(ScrapeBudget.__init__).parameters.items()}
     head, write = _Server.head_timeout, _Server.write_timeout
     lines = [
         f"- the request head, TLS handshake included, must arrive within **{head:g} s in all**"
