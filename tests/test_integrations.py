@@ -147,3 +147,43 @@ def test_lightning_callback_logs_to_the_csv_logger(tmp_path):
         assert math.isfinite(values["gradwatch/grad_abs_max"])
         checked += 1
     assert checked == 6, by_step
+
+
+def test_accelerate_loop_is_exact_with_its_own_clip():
+    """A plain accelerate loop (prepare, accelerator.backward, accelerator.clip_grad_norm_, with
+    gradient accumulation): every applied step against a float64 reference of the grads the
+    step applied, and the pre-clip norm is the one accelerate's clip returned."""
+    from accelerate import Accelerator
+
+    import gradwatch
+    from reference import reference_stats
+    from util import fetch, parse, value
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = _Regressor()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(_Data(), batch_size=4)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    checked = 0
+    with gradwatch.watch(model, port=0) as h:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(batch["x"], batch["labels"])["loss"]
+                accelerator.backward(loss)
+                norm = None
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    applied = [p.grad.detach().clone() for p in model.parameters()]
+                opt.step()
+                opt.zero_grad()
+            if norm is not None:
+                samples = parse(fetch(h.port))
+                ref = reference_stats(applied)
+                got = value(samples, "grad_l2_norm")
+                assert got == pytest.approx(ref["grad_l2_norm"], rel=1e-12)
+                assert value(samples, "grad_preclip_l2_norm") == float(norm)
+                labels = {dict(k).get("optimizer") for k in samples["grad_l2_norm"]}
+                assert labels == {"0"}  # accelerate's optimizer wrapper is not counted twice
+                checked += 1
+    assert checked == 8
