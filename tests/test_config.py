@@ -118,3 +118,18 @@ def test_watch_arguments_are_validated_like_env():
     assert cfg.with_overrides(groups={"a": "x.", "b": ["y.", "z."]}).groups == parse_groups(
         "g", "a=x.,b=y.|z."
     )
+
+
+def test_watch_documents_every_argument_from_the_settings_table():
+    """watch()'s docstring is made from the same table as the README: every keyword argument,
+    its variable and its accepted values (no argument can be undocumented)."""
+    import gradwatch
+    from gradwatch.config import FIELDS, SETTINGS
+
+    doc = gradwatch.watch.__doc__
+    rows = {s.name: s for s in SETTINGS}
+    for arg, field in FIELDS.items():
+        if arg == "enabled" or field.var not in rows:
+            continue
+        assert f"``{arg}`` ({field.var}; default {rows[field.var].default})" in doc, arg
+        assert rows[field.var].accepted in doc, arg

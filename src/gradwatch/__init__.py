@@ -30,10 +30,9 @@ def watch(model: Any = None, optimizer: Any = None, **settings: Any) -> Handle:
     """Export gradient statistics of ``optimizer`` (every optimizer if None) on ``/metrics``.
 
     ``model`` (a module or a list of them) supplies the dotted parameter names; without it they
-    are found among the live modules. ``settings`` override the environment variables of the
-    same name without the ``GRADWATCH_`` prefix, lower-cased: ``port``, ``host``, ``every``,
-    ``groups`` (``{"host": "host.", "seed": ["seed.", "stem."]}``), ``per_param``,
-    ``max_params``, ``vanishing_threshold``, ``exploding_threshold``, ``backend``.
+    are found among the live modules. ``settings`` override the environment variables (each is
+    parsed and bounded exactly like its variable; None keeps the variable's value); the full
+    list is below.
 
     Returns a handle with ``close()`` (also a context manager). With ``GRADWATCH=0`` or a bad
     setting it returns a disabled handle and training goes on without telemetry. A second call
@@ -42,6 +41,15 @@ def watch(model: Any = None, optimizer: Any = None, **settings: Any) -> Handle:
     from .session import watch as _watch
 
     return _watch(model, optimizer, **settings)
+
+
+def _document_settings() -> None:
+    from .config import arguments_doc
+
+    watch.__doc__ = (watch.__doc__ or "") + "\n    Settings:\n\n" + arguments_doc() + "\n"
+
+
+_document_settings()
 
 
 def latest() -> Statistics:

@@ -85,8 +85,9 @@ class Readout:
         self.partials = partials  # combined across ranks when distributed combining is on
         self.numel = numel
         self.local = partials if local is None else local  # this rank's own shards, uncombined
-        # Per-step values the loop computed (see StepContext keys): loss_scale, preclip_norm,
-        # clip_max_norm, lr:<group>. Missing key: not known for this step.
+        # Per-step values of the loop, keyed as OptimizerWatch._context writes them
+        # (loss_scale, preclip_norm, clip_max_norm, lr:<group>, unreduced_tensors, noise_*).
+        # A missing key: not known for this step.
         self.context = context or {}
 
     @functools.cached_property

@@ -656,6 +656,20 @@ assert set(FIELDS) == {f.name for f in fields(Config)}
 _LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE")  # set but empty: the default
 
 
+def arguments_doc() -> str:
+    """The keyword arguments of :func:`gradwatch.watch`, one paragraph each, made from the same
+    table as the README's settings table (``watch()``'s docstring carries it)."""
+    rows = {s.name: s for s in SETTINGS}
+    out = []
+    for arg, field in FIELDS.items():
+        row = rows.get(field.var)
+        if row is None or arg == "enabled":
+            continue  # launcher variables (RANK, ...) and the on/off switch are not arguments
+        meaning = row.meaning.replace("`", "")
+        out.append(f"    ``{arg}`` ({field.var}; default {row.default}): {row.accepted}. {meaning}")
+    return "\n".join(out)
+
+
 def label(field_name: str) -> str:
     """How checks of the merged settings name a field: the same words whether it came from the
     environment or from watch()."""
