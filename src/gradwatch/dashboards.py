@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import BY_PROM_NAME
+from .config import DEFAULT_PORT
 
 SCHEMA_VERSION = 39  # Grafana 11.0
 TAG = "gradwatch"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'job=~"$job", instance=~"$instance", rank=~"$rank"'
 RATE = "$__rate_interval"
-SCRAPE_PORT = 9464  # gradwatch's default /metrics port (rank r serves on 9464 + LOCAL_RANK)
+SCRAPE_PORT = DEFAULT_PORT  # the default /metrics port (rank r serves on it + LOCAL_RANK)
 UP_JOBS = 'job=~"gradwatch.*"'  # how the alert rules find gradwatch's scrape targets in `up`
 
 ALERTS_FILE = "gradwatch-alerts.yml"
@@ -374,7 +375,8 @@ def common_variables() -> list[dict]:
             "instance",
             'gradwatch_info{job=~"$job"}',
             "instance",
-            "Scrape target(s): one per process (rank r serves on port 9464 + LOCAL_RANK).",
+            "Scrape target(s): one per process (rank r serves on port"
+            f" {SCRAPE_PORT} + LOCAL_RANK).",
         ),
         query_variable(
             "rank",
@@ -1363,7 +1365,7 @@ def _comment_rules(text: str, width: int = 96) -> str:
 
 
 def prometheus_config() -> dict:
-    """An example prometheus.yml: scrape one process on 127.0.0.1:9464, load the alert rules."""
+    """An example prometheus.yml: scrape one process on the default port, load the alert rules."""
     return {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [ALERTS_FILE],
@@ -1499,8 +1501,10 @@ def render_all() -> dict[str, str]:
     files["prometheus.yml"] = to_yaml(
         prometheus_config(),
         f"Example Prometheus configuration for gradwatch. {_GENERATED}\n{_NO_EDIT}\n"
-        "Run: prometheus --config.file=dashboards/prometheus.yml\n"
-        "Under torchrun rank r serves on 9464 + LOCAL_RANK: add one target per local rank\n"
+        "Run: prometheus --config.file=dashboards/prometheus.yml"
+        " --web.listen-address=127.0.0.1:9090\n"
+        f"Under torchrun rank r serves on {SCRAPE_PORT} + LOCAL_RANK: add one target per local"
+        " rank\n"
         "(127.0.0.1:9465, ...) and one per node.",
     )
     files["provisioning/datasource.yml"] = to_yaml(
