@@ -63,8 +63,7 @@ def latest() -> Statistics:
         if stats.step is not None:
             print(stats.step, stats.get("grad_l2_norm", optimizer="0"))
     """
-    from . import session
+    from .session import live_session
     from .values import build
 
-    current = session._SESSION
-    return build(current if current is not None and not current.closed else None)
+    return build(live_session())

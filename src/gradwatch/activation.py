@@ -145,27 +145,30 @@ _started = False
 
 def session():
     """The no-code session, built at the first trigger; None if it is off or closed."""
-    global _started
     from . import session as session_module
 
     if not _started:
-        _started = True
-        _disarm_triggers()  # the session wraps the real functions, not the triggers
+        claim()
         return session_module.start_from_env(global_hooks=False)
-    current = session_module._SESSION
-    return current if current is not None and not current.closed else None
+    return session_module.live_session()
+
+
+def claim() -> None:
+    """The session is being built now: put the real functions back (the session wraps them,
+    not the triggers); later triggers only look the session up."""
+    global _started
+    _started = True
+    _disarm_triggers()
 
 
 def _pre_step(optimizer, args, kwargs):
     s = session()
-    if s is None or s.closed:
-        return None
-    return s._pre_step_hook(optimizer, args, kwargs)
+    return None if s is None else s._pre_step_hook(optimizer, args, kwargs)
 
 
 def _post_step(optimizer, args, kwargs):
-    from . import session as session_module
+    from .session import live_session
 
-    s = session_module._SESSION
-    if s is not None and not s.closed:
+    s = live_session()
+    if s is not None:
         s._post_step_hook(optimizer, args, kwargs)

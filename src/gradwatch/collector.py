@@ -238,6 +238,13 @@ class UpdateReadout:
         return update / param if param > 0 else math.nan
 
 
+def _fp32_copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """theta of each parameter in (at least) fp32, a copy; DTensor params (FSDP2): this rank's
+    shards, which the optimizer updates in place."""
+    local = distributed.local_view([p.detach() for p in params], "off").tensors
+    return [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
+
+
 class OptimizerWatch:
     """Watches one optimizer: collects at its pre-step hook, publishes :class:`Readout` s."""
 
@@ -446,6 +453,10 @@ class OptimizerWatch:
         except Exception as exc:  # noqa: BLE001
             self.errors.record("readout", exc)
 
+    def _due(self, every: int) -> bool:
+        """This step is one of 1, every + 1, 2 every + 1, ... (every 0: none is)."""
+        return every > 0 and (self.steps - 1) % every == 0
+
     def collect_step(self, clip: ClipRecord | None = None, sample_update: bool = True) -> None:
         """Second half: the gradients the step will apply are final. At the pre-step hook
         without a closure; after the closure's first call with one. Never raises."""
@@ -455,7 +466,7 @@ class OptimizerWatch:
             self._step_noise = None
             self.errors.record("collect", exc)
         try:
-            if (self.steps - 1) % self.config.every == 0:
+            if self._due(self.config.every):
                 t0 = time.perf_counter()
                 self._collect(clip)
                 self.collect_seconds = time.perf_counter() - t0
@@ -465,7 +476,7 @@ class OptimizerWatch:
             self._update_pending = None  # an earlier step whose post hook never ran
             k = self.config.update_every
             early = self._early_snaps is not None  # taken before the params could change
-            if (sample_update or early) and k and (self.steps - 1) % k == 0:
+            if (sample_update or early) and self._due(k):
                 self._snapshot_params()
         except Exception as exc:  # noqa: BLE001
             self._update_pending = None
@@ -478,23 +489,14 @@ class OptimizerWatch:
         closure (SAM perturbs them, then puts them back); which parameters have a gradient is
         only known after the closure, when :meth:`_snapshot_params` picks theirs. Never raises."""
         self._early_snaps = None
-        k = self.config.update_every
-        if not k or (self.steps - 1) % k:
+        if not self._due(self.config.update_every):
             return
         try:
             params = [p for g in self.optimizer_ref.param_groups for p in g["params"]]
-            local = distributed.local_view([p.detach() for p in params], "off").tensors
-            self._early_snaps = {
-                id(p): x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
-                for p, x in zip(params, local, strict=True)
-            }
+            snaps = _fp32_copies(params)
+            self._early_snaps = {id(p): x for p, x in zip(params, snaps, strict=True)}
         except Exception as exc:  # noqa: BLE001
             self.errors.record("collect", exc)
-
-    def on_step(self, clip: ClipRecord | None = None) -> None:
-        """A step without a closure: both halves at once."""
-        self.begin_step()
-        self.collect_step(clip)
 
     def on_step_post(self) -> None:
         """Post-step hook body: difference the sampled step's snapshot; never raises."""
@@ -825,9 +827,7 @@ class OptimizerWatch:
             if any(x is None for x in snaps):
                 return  # a parameter that was not in the param groups then
         else:
-            # DTensor params (FSDP2): this rank's shards, which the optimizer updates in place.
-            local = distributed.local_view([p.detach() for p in params], "off").tensors
-            snaps = [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
+            snaps = _fp32_copies(params)
         self._update_pending = (self.steps, layout, params, snaps)
 
     def _reduce_update(self, step, layout, params, snaps) -> None:
@@ -996,15 +996,15 @@ class OptimizerWatch:
                 self.clipped_steps += 1
             if preclip_nonfinite:
                 self.preclip_nonfinite_steps += 1
-            full = self._norms if len(self._norms) >= PENDING_NORMS else None
-            if full is not None:
+            hand_over = None
+            if len(self._norms) >= PENDING_NORMS:
                 if self.norm_sink is not None:
-                    self._norms = []
+                    hand_over, self._norms = self._norms, []
                 else:  # no exporter to hand them to: stay bounded
-                    del self._norms[: len(full) - PENDING_NORMS]
-        if full is not None and self.norm_sink is not None:
+                    del self._norms[:-PENDING_NORMS]
+        if hand_over is not None:
             try:
-                self.norm_sink(self.index, full)
+                self.norm_sink(self.index, hand_over)
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("export", exc)
         self._log_incident(readout)

@@ -110,7 +110,7 @@ class Session:
                 # a stack's optimizer (DeepSpeed ZeRO): its step is patched; the torch
                 # optimizers it steps are hooked, their steps routed to its watch
                 inner = deepspeed.inner_optimizers(optimizer)
-                self._inner.update(id(o) for o in inner)
+                self.mark_inner(inner)
                 for opt in inner:
                     self._hooks.add(opt.register_step_pre_hook, self._pre_step_hook)
                 return
@@ -132,22 +132,27 @@ class Session:
             return {}
 
     def watch_for(self, optimizer: torch.optim.Optimizer) -> OptimizerWatch | None:
+        return self._watch_of(optimizer, OptimizerWatch)
+
+    def _watch_of(self, owner, kind: type[OptimizerWatch]) -> OptimizerWatch | None:
+        """The watch of a torch optimizer, or of a stack's own optimizer (``kind``), created at
+        its first step; None for one this session does not report."""
         if self.closed or os.getpid() != self._pid:
             return None  # a forked child (e.g. a DataLoader worker) never exports
         with self._lock:
-            watch = self._watches.get(id(optimizer))
+            watch = self._watches.get(id(owner))
             if watch is None:
-                if self._explicit is not None and id(optimizer) not in self._explicit:
+                if self._explicit is not None and id(owner) not in self._explicit:
                     return None
-                if self._is_inner(optimizer):
+                is_torch = isinstance(owner, torch.optim.Optimizer)
+                if is_torch and self._is_inner(owner):
                     return None
-                watch = OptimizerWatch(
-                    optimizer, len(self._watches), self.config, self.errors, self._names
-                )
+                watch = kind(owner, len(self._watches), self.config, self.errors, self._names)
                 watch.norm_sink = self._record_norms
-                watch.inner_optimizers = stacks.inner_optimizers(optimizer)
-                self._inner.update(id(o) for o in watch.inner_optimizers)
-                self._watches[id(optimizer)] = watch
+                if is_torch:
+                    watch.inner_optimizers = stacks.inner_optimizers(owner)
+                    self.mark_inner(watch.inner_optimizers)
+                self._watches[id(owner)] = watch
             return watch
 
     def _is_inner(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -174,18 +179,9 @@ class Session:
 
     def zero_watch_for(self, zero) -> OptimizerWatch | None:
         """The watch of a DeepSpeed ZeRO optimizer (see :mod:`gradwatch.stacks.deepspeed`)."""
-        if self.closed or os.getpid() != self._pid:
+        watch = self._watch_of(zero, deepspeed.ZeroWatch)
+        if watch is None:
             return None
-        with self._lock:
-            watch = self._watches.get(id(zero))
-            if watch is None:
-                if self._explicit is not None and id(zero) not in self._explicit:
-                    return None
-                watch = deepspeed.ZeroWatch(
-                    zero, len(self._watches), self.config, self.errors, self._names
-                )
-                watch.norm_sink = self._record_norms
-                self._watches[id(zero)] = watch
         try:
             self._start_endpoint()
         except Exception as exc:  # noqa: BLE001
@@ -433,9 +429,8 @@ class Session:
         host = self.config.host
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # reachable from this host
-        host = f"[{host}]" if ":" in host else host
         scheme = "https" if self.config.tls_cert else "http"
-        return f"{scheme}://{host}:{self.exporter.port}/metrics"
+        return f"{scheme}://{distributed._target(host, self.exporter.port)}/metrics"
 
     def _what(self) -> str:
         if self._explicit is None:
@@ -560,6 +555,12 @@ class Session:
 _SESSION: Session | None = None
 
 
+def live_session() -> Session | None:
+    """This process's session, if one is running (not closed)."""
+    current = _SESSION
+    return current if current is not None and not current.closed else None
+
+
 class Handle:
     """What :func:`gradwatch.watch` returns: the live session, or a no-op when disabled."""
 
@@ -580,8 +581,7 @@ class Handle:
         (:class:`gradwatch.values.Statistics`); never waits for the device."""
         from .values import build
 
-        session = self.session if self.session is not None and not self.session.closed else None
-        return build(session)
+        return build(self.session if self.enabled else None)
 
     def close(self) -> None:
         if self.session is not None:
@@ -603,7 +603,7 @@ def watch(model=None, optimizer=None, **settings) -> Handle:
         return _watch(model, optimizer, **settings)
 
 
-_module_lock = threading.Lock()
+_module_lock = threading.RLock()  # watch() may start the no-code session under it
 
 
 def _as_list(obj) -> list:
@@ -633,7 +633,8 @@ def _watch(model, optimizer, **settings) -> Handle:
     from . import activation
 
     if activation.armed() and (_SESSION is None or _SESSION.closed):
-        _SESSION = _no_code_session()  # GRADWATCH=1 and watch(): one session, every optimizer
+        activation.claim()  # GRADWATCH=1 and watch(): one session, every optimizer
+        start_from_env(global_hooks=False)  # sets _SESSION (the lock is reentrant)
     if _SESSION is not None and not _SESSION.closed:
         if settings and _SESSION.config != config:
             log.warning("gradwatch: already watching with other settings; keeping the first")
@@ -643,19 +644,6 @@ def _watch(model, optimizer, **settings) -> Handle:
         return Handle(_SESSION)
     _SESSION = Session(config, models, optimizers or None)
     return Handle(_SESSION)
-
-
-def _no_code_session() -> Session | None:
-    from . import activation
-
-    activation._disarm_triggers()
-    activation._started = True
-    try:
-        config = from_env()
-    except SettingError as exc:
-        _report_setting_error(exc)
-        return None
-    return Session(config, global_hooks=False) if config.enabled else None
 
 
 def start_from_env(global_hooks: bool = True) -> Session | None:

@@ -80,12 +80,11 @@ class Statistics:
         """``{key: value}`` for a logger: ``prefix + name`` and, for labelled samples, the label
         values joined by ``/`` (``gradwatch/grad_l2_norm``, ``gradwatch/grad_group_l2_norm/1``).
         The ``optimizer`` label is left out when only optimizer ``"0"`` is watched."""
-        scope_of = {s.prom_name: s.scope for s in catalog.CATALOG}
         optimizers = {dict(s.labels).get("optimizer") for s in self.samples} - {None}
         one = optimizers <= {"0"}
         out: dict[str, float] = {}
         for s in self.samples:
-            if scope_of.get(s.name) not in scopes:
+            if catalog.BY_PROM_NAME[s.name].scope not in scopes:
                 continue
             parts = [v for k, v in s.labels if not (one and k == "optimizer")]
             out["/".join([prefix + s.name, *parts])] = s.value

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 import gradwatch
+from gradwatch.session import live_session
 
 
 class GradwatchCallback(TrainerCallback):
@@ -33,7 +34,7 @@ class GradwatchCallback(TrainerCallback):
         self.handle = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        running = _running()
+        running = live_session() is not None
         handle = gradwatch.watch(model, **self.settings)
         self.handle = None if running else handle  # close only what it opened
 
@@ -55,9 +56,3 @@ def attach(trainer, prefix: str = "gradwatch/", **settings: Any) -> GradwatchCal
     callback = GradwatchCallback(prefix, **settings)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
-
-
-def _running() -> bool:
-    from gradwatch import session
-
-    return session._SESSION is not None and not session._SESSION.closed

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradwatch
+from gradwatch.session import live_session
 
 try:
     from lightning.pytorch import Callback as _Base
@@ -38,7 +39,7 @@ def callback_class(base: type) -> type:
             self._logged_step: int | None = None
 
         def on_fit_start(self, trainer, pl_module):
-            running = _running()
+            running = live_session() is not None
             handle = gradwatch.watch(pl_module, **self.settings)
             self.handle = None if running else handle  # close only what it opened
 
@@ -58,9 +59,3 @@ def callback_class(base: type) -> type:
 
 
 GradwatchCallback = callback_class(_Base)
-
-
-def _running() -> bool:
-    from gradwatch import session
-
-    return session._SESSION is not None and not session._SESSION.closed

@@ -28,13 +28,13 @@ Data parallelism only: the ZeRO group must be the whole world (no tensor or pipe
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..collector import OptimizerWatch
+from ..kernels import N_PARTIALS
 
 log = logging.getLogger("gradwatch")
 
@@ -142,9 +142,9 @@ class ZeroWatch(OptimizerWatch):
     # ---- the ZeRO step (see module docstring) ----
     def begin_zero_step(self) -> None:
         self.begin_step()
-        self._rows: list[tuple[list[Segment], torch.Tensor]] = []
+        self._rows: list[tuple[int, torch.Tensor]] = []  # (id of the flat partition, partials)
         self._inner_steps = 0
-        self._collecting = (self.steps - 1) % self.config.every == 0
+        self._collecting = self._due(self.config.every)
         try:
             zero = self.optimizer_ref
             # the scale this step's gradients were computed with (step() may change it)
@@ -170,7 +170,7 @@ class ZeroWatch(OptimizerWatch):
                         continue
                     g = flat.grad.reshape(-1)
                     views = [g.narrow(0, s.start, s.length) for s in segs]
-                    self._rows.append((segs, self._backend(g.device).reduce(views)))
+                    self._rows.append((id(flat), self._backend(g.device).reduce(views)))
         except Exception as exc:  # noqa: BLE001
             self._collecting = False
             self.errors.record("collect", exc)
@@ -183,14 +183,28 @@ class ZeroWatch(OptimizerWatch):
                 if getattr(zero, "overflow", False):
                     self.count_skipped()
                 return
-            if self._collecting:
-                t0 = time.perf_counter()
-                self._publish_rows(zero)
-                self.collect_seconds = time.perf_counter() - t0
+            self.collect_step()  # the shared second half: cadence, timing, then _collect
         except Exception as exc:  # noqa: BLE001 - telemetry never raises into training
             self.errors.record("collect", exc)
         finally:
             self._rows = []
+
+    def _collect(self, clip=None) -> None:
+        if self._collecting:  # an inner step that failed to reduce publishes nothing
+            self._publish_rows(self.optimizer_ref)
+
+    def _row_index(self, flat_id: int, device: torch.device) -> torch.Tensor:
+        """The layout rows of a flat partition's segments, on ``device`` (copied once)."""
+        cache = self.__dict__.setdefault("_row_indexes", {})
+        index = cache.get((flat_id, device))
+        if index is None:
+            rows = [s.row for s in self._zero_layout().segments[flat_id]]
+            index = torch.tensor(rows, dtype=torch.long)
+            if device.type != "cpu":
+                # pinned: an asynchronous copy, no host sync (once per layout, not per step)
+                index = index.pin_memory().to(device, non_blocking=True)
+            cache[(flat_id, device)] = index
+        return index
 
     def _zero_layout(self) -> ZeroLayout:
         layout = getattr(self, "_layout_cache", None)
@@ -203,11 +217,10 @@ class ZeroWatch(OptimizerWatch):
         layout = self._layout_for(zl.params, zl.group_of)
         t = len(zl.params)
         device = self._rows[0][1].device if self._rows else torch.device("cpu")
-        full = torch.zeros((t, 6), dtype=torch.float64, device=device)
-        for segs, partials in self._rows:
+        full = torch.zeros((t, N_PARTIALS), dtype=torch.float64, device=device)
+        for flat_id, partials in self._rows:
             # at most one segment of a parameter per flat partition and rank: plain assignment
-            index = torch.tensor([s.row for s in segs], dtype=torch.long)
-            full.index_copy_(0, index.to(device, non_blocking=True), partials)
+            full.index_copy_(0, self._row_index(flat_id, device), partials)
         context, device_values = self._context(None)
         norm, max_norm = getattr(zero, "_global_grad_norm", None), getattr(zero, "clip_grad", 0)
         if max_norm and max_norm > 0 and norm is not None:
