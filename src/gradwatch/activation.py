@@ -59,7 +59,6 @@ def _start(_torch: types.ModuleType | None = None) -> None:
 
 _armed = False
 _hooks = None  # the HookSet of the two global dispatchers
-_CLIP_FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
 _originals: list[tuple[object, str, object]] = []  # (owner, attribute, original)
 
 
@@ -75,26 +74,22 @@ def arm() -> None:
         return
     _armed = True
     import torch
-    from torch.nn.utils import clip_grad
     from torch.optim.optimizer import (
         register_optimizer_step_post_hook,
         register_optimizer_step_pre_hook,
     )
 
     from .hooks import HookSet
+    from .stacks import ZERO_OPTIMIZERS, clip_functions
 
     _hooks = HookSet()
     _hooks.add(register_optimizer_step_pre_hook, _pre_step)
     _hooks.add(register_optimizer_step_post_hook, _post_step)
-    for name in _CLIP_FUNCTIONS:
-        original = getattr(torch.nn.utils, name, None)
-        if original is None:
-            continue
-        for owner in (torch.nn.utils, clip_grad):
-            if getattr(owner, name, None) is original:
-                _trigger(owner, name, original, owner)
+    for name, original, owners in clip_functions():
+        for owner in owners:
+            _trigger(owner, name, original, owner)
     _trigger(torch.amp.GradScaler, "step", torch.amp.GradScaler.step, torch.amp.GradScaler)
-    for module_name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
+    for module_name, _ in ZERO_OPTIMIZERS:
         after_import(module_name, lambda _m: session())
     import multiprocessing
 

@@ -96,7 +96,7 @@ class Session:
         self._patch_clip_grad_norm()
         self._scopes = threading.local()  # .stack: the stack steps running on this thread
         self._zero_patches: list[tuple[type, dict[str, object]]] = []
-        for module_name, _ in deepspeed.ZERO_OPTIMIZERS:
+        for module_name, _ in stacks.ZERO_OPTIMIZERS:
             imports.after_import(module_name, self._patch_zero)
         atexit.register(self.close)
 
@@ -204,7 +204,7 @@ class Session:
         try:
             if self.closed:
                 return
-            for module_name, class_name in deepspeed.ZERO_OPTIMIZERS:
+            for module_name, class_name in stacks.ZERO_OPTIMIZERS:
                 if module.__name__ == module_name:
                     patched = deepspeed.patch(self, module, class_name)
                     if patched is not None:
@@ -371,16 +371,12 @@ class Session:
             "get_total_norm": patched_get_total_norm,
             "clip_grads_with_norm_": patched_clip_grads_with_norm_,
         }
-        for name, factory in factories.items():
-            original = getattr(torch.nn.utils, name, None) or getattr(clip_grad, name, None)
-            if original is None:
-                continue  # torch < 2.6 has no split API
-            wrapper = factory(original)
+        for name, original, owners in stacks.clip_functions():
+            wrapper = factories[name](original)
             wrapper._gradwatch_session = self  # type: ignore[attr-defined]
             self._clip_originals[name] = original
-            for module in (clip_grad, torch.nn.utils):
-                if getattr(module, name, None) is original:
-                    setattr(module, name, wrapper)
+            for module in owners:
+                setattr(module, name, wrapper)
 
     def _unpatch_clip_grad_norm(self) -> None:
         from torch.nn.utils import clip_grad

@@ -27,6 +27,28 @@ import torch
 
 _MAX_FRAMES = 64  # how far up the Python stack a running outer step is looked for
 
+# torch's clip API whose norm is the step's pre-clip norm (the split API exists from torch 2.6)
+CLIP_FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
+# (module, class) of the DeepSpeed ZeRO optimizers whose step() gradwatch wraps
+ZERO_OPTIMIZERS = (
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
+)
+
+
+def clip_functions():
+    """(name, original, modules that hold it) of each clip function torch has: the same
+    function object is ``torch.nn.utils.<name>`` and, for ``clip_grad_norm_``, also
+    ``torch.nn.utils.clip_grad.<name>``."""
+    from torch.nn.utils import clip_grad
+
+    for name in CLIP_FUNCTIONS:
+        original = getattr(torch.nn.utils, name, None) or getattr(clip_grad, name, None)
+        if original is None:
+            continue  # torch < 2.6 has no split API
+        owners = [m for m in (clip_grad, torch.nn.utils) if getattr(m, name, None) is original]
+        yield name, original, owners
+
 
 def closure_of(args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """The closure passed to ``optimizer.step`` (positional or ``closure=``), if any. A step

@@ -38,12 +38,6 @@ from ..kernels import N_PARTIALS
 
 log = logging.getLogger("gradwatch")
 
-# (module, class) of the ZeRO optimizers whose step() gradwatch wraps
-ZERO_OPTIMIZERS = (
-    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
-    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
-)
-
 
 @dataclass(frozen=True)
 class Segment:
