@@ -113,3 +113,38 @@ def test_readme_serving_limits_come_from_the_code(monkeypatch):
     assert f"**{serving._Server.head_timeout:g} s in all**" in text
     monkeypatch.setattr(serving._Server, "head_timeout", 7.0)
     assert render(text) != text and "**7 s in all**" in render(text)
+
+
+def test_every_value_comes_from_its_catalog_entry():
+    """The exporter and the Python API are loops over the catalog: no statistic is picked by
+    name outside it, and each entry's source fits its instrument."""
+    import ast
+
+    names = {s.prom_name for s in catalog.CATALOG}
+    for path in ("export.py", "values.py"):
+        tree = ast.parse((ROOT / "src" / "gradwatch" / path).read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        named = [
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+        ]
+        assert not named, f"{path} names {named}: read them through catalog sources"
+    for s in catalog.CATALOG:
+        src = s.source
+        if s.instrument == "histogram":
+            assert isinstance(src, catalog.FromStepHistory), s.prom_name
+        elif s.instrument == "counter":
+            assert isinstance(src, catalog.FromWatch | catalog.FromProcess), s.prom_name
+        else:
+            assert not isinstance(src, catalog.FromStepHistory), s.prom_name
+        if isinstance(src, catalog.FromPartials):
+            assert s.scope in (catalog.GLOBAL, catalog.GROUP, catalog.PARAM, catalog.RANK)
+        if s.scope == catalog.SELF:
+            assert isinstance(src, catalog.FromProcess | catalog.FromWatch), s.prom_name

@@ -9,8 +9,10 @@ import time
 import numpy as np
 import torch
 
-from gradwatch.collector import ErrorLog, Layout, OptimizerWatch, _InFlight
+from gradwatch.collector import ErrorLog, GradResult, Layout, OptimizerWatch
 from gradwatch.config import from_env
+from gradwatch.readback import InFlight, Packet
+from gradwatch.records import LoopValues
 
 
 class _Done:
@@ -35,11 +37,12 @@ def test_concurrent_polls_publish_in_step_order(monkeypatch):
     for step in range(1, 201):
         host = torch.zeros(2 * 6, dtype=torch.float64)
         host[0] = float(step)  # SUMSQ of row 0: tells the step apart
-        watch._inflight.append(_InFlight(step, layout, np.ones(2), host, _Done(), {}, ()))
+        result = GradResult(step, layout, np.ones(2), LoopValues(), (), False)
+        watch._grad_results.put(InFlight(result, Packet(((2, 6),)), host, _Done()))
     threads = [threading.Thread(target=watch.poll) for _ in range(8)]
     for t in threads:
         t.start()
-    while watch._inflight:
+    while len(watch._grad_results):
         watch.poll()
     for t in threads:
         t.join()

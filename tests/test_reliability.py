@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.collector import Readout
+from gradwatch.catalog import FromPartials
 from util import assert_promtool_clean, fetch, free_port, parse, require_tool, value
 
 
@@ -128,7 +128,7 @@ def test_fault_in_otel_callback_scrape_still_serves_the_rest(monkeypatch, caplog
         raise ValueError("injected callback fault")
 
     handle, step = _small_run(2)
-    monkeypatch.setattr(Readout, "observations", boom)
+    monkeypatch.setattr(FromPartials, "samples", boom)
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         samples = parse(fetch(handle.port))
         step()

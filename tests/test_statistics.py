@@ -352,9 +352,9 @@ def test_fast_listing_matches_the_per_tensor_one_and_follows_size_changes(backen
                 p.grad = torch.randn_like(p) if id(p) in keep else None
             opt.step()
             watch = handle.session.watches()[0]
-            fast = watch._params_with_grads()
-            assert watch._listed_cpu
-            slow = watch._params_with_grads_listed()
+            fast = watch.listing.params_with_grads()
+            assert watch.listing.listed_cpu
+            slow = watch.listing.params_with_grads_listed()
             assert (
                 [id(p) for p in fast[0]] == [id(p) for p in slow[0]] == [id(p) for p in with_grad]
             )

@@ -2,7 +2,10 @@
 
 Each :class:`Statistic` carries its OpenTelemetry instrument name, the Prometheus name that the
 exposition shows, its unit, the formula in plain text, how it reduces across tensors and across
-ranks, and (for gradient statistics) the function that computes it from an :class:`Aggregate`.
+ranks, and its ``source``: where its value comes from (the kernel partials of the step, a value
+of the training loop, the watch's counters, the sampled update, the noise estimate, gradwatch
+itself) and the function that computes it from those typed records (:mod:`gradwatch.records`).
+The exporter and :mod:`gradwatch.values` are one loop over this catalog.
 Instruments, ``gradwatch catalog``, the README table and the dashboards are all derived from
 :data:`CATALOG`; nothing else restates a formula.
 
@@ -15,12 +18,11 @@ norm of tensor ``i``. Sums are accumulated in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from .config import Config
+from .records import Aggregate, LoopValues, ProcessView, Readout, UpdateReadout, WatchSnapshot
 
 # Label values of the `kind` label on non-finite counts.
 NONFINITE_KINDS = ("nan", "inf")
@@ -29,40 +31,12 @@ NONFINITE_KINDS = ("nan", "inf")
 # RANK: this rank's own local gradients (its shards), before any combination across ranks.
 GLOBAL, GROUP, PARAM, RANK, SELF = "global", "group", "param", "rank", "self"
 # Training-health signals that are not functions of the gradient partials: values the training
-# loop computed (clip norm, loss scale, learning rate), per-step history between scrapes, and the
-# sampled parameter-update statistics. Exported by name in export.py, never via ``compute``.
+# loop computed (clip norm, loss scale, learning rate), per-step history between scrapes, the
+# sampled parameter-update statistics and the noise scale; each entry's ``source`` reads them.
 TRAINING = "training"
 
 # A value is either a plain number or one number per value of the statistic's extra label.
 Value = float | Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """Per-tensor partials of one set of gradient tensors, in float64 (numpy arrays of length T)."""
-
-    sumsq: np.ndarray
-    sumabs: np.ndarray
-    maxabs: np.ndarray
-    nan: np.ndarray
-    inf: np.ndarray
-    zero: np.ndarray
-    numel: np.ndarray
-
-    @property
-    def tensors(self) -> int:
-        return int(self.sumsq.shape[0])
-
-    @property
-    def elements(self) -> int:
-        return int(self.numel.sum())
-
-    @property
-    def nonfinite(self) -> int:
-        return int(self.nan.sum() + self.inf.sum())
-
-    def tensor_norms(self) -> np.ndarray:
-        return np.sqrt(self.sumsq)
 
 
 @dataclass(frozen=True)
@@ -98,8 +72,195 @@ def _nonfinite_by_kind(agg: Aggregate, _: Thresholds) -> Mapping[str, float]:
     return {"nan": float(agg.nan.sum()), "inf": float(agg.inf.sum())}
 
 
-def _count(compute: Callable[[Aggregate, Thresholds], float]):
-    return lambda agg, th: float(compute(agg, th))
+def _partials_count(compute: Callable[[Aggregate, Thresholds], float]) -> FromPartials:
+    return FromPartials(lambda agg, th: float(compute(agg, th)))
+
+
+def _partials_per_element(compute: Callable[[Aggregate], float]) -> FromPartials:
+    return FromPartials(_per_element(compute))
+
+
+# ---- formulas used beyond one statistic (collection counts and the noise scale use them) ----
+def total_l2_norm(agg: Aggregate) -> float:
+    """grad_l2_norm: sqrt of the sum of squares over every element of every tensor."""
+    return math.sqrt(float(agg.sumsq.sum()))
+
+
+def clip_coefficient(loop: LoopValues) -> float:
+    """grad_clip_coefficient_ratio: min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_
+    computes it; NaN when the step was not clipped or its pre-clip norm was NaN/Inf."""
+    norm, max_norm = loop.preclip_norm, loop.clip_max_norm
+    if norm is None or max_norm is None or not math.isfinite(norm):
+        return math.nan  # a NaN/Inf pre-clip norm: counted, never shown as a coefficient
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def preclip_nonfinite(loop: LoopValues) -> bool:
+    """The step was clipped with a NaN/Inf norm (grad_preclip_nonfinite_steps_total)."""
+    return loop.preclip_norm is not None and not math.isfinite(loop.preclip_norm)
+
+
+def noise_estimates(
+    small_sq: float, big_sq: float, b_small: float, b_big: float
+) -> tuple[float, float]:
+    """Unbiased one-step estimates (|G|^2, tr(Sigma)) from the squared norms of a mean gradient
+    over b_small and over b_big samples (McCandlish et al. 2018, appendix A.1)."""
+    g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return g2, trace
+
+
+# ---- where each statistic's value comes from ----
+Samples = Iterable[tuple[dict[str, str], float]]
+
+
+@dataclass(frozen=True)
+class FromPartials:
+    """A function of the step's kernel partials, over the set its scope names (all gradients,
+    each group, each parameter, this rank's local shards)."""
+
+    compute: Callable[[Aggregate, Thresholds], Value]
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        readout = snap.readout
+        if readout is None:
+            return
+        if stat.scope == GLOBAL:
+            sets: Iterable[tuple[dict[str, str], Aggregate]] = [({}, readout.aggregate())]
+        elif stat.scope == RANK:
+            sets = [({}, readout.aggregate(local=True))]
+        elif stat.scope == GROUP:
+            rows = readout.layout.group_rows.items()
+            sets = (({"group": g}, readout.aggregate(r)) for g, r in rows)
+        else:
+            names = readout.layout.names
+            sets = (
+                ({"param": names[i]}, readout.aggregate(slice(i, i + 1)))
+                for i in range(min(cap, len(names)))
+            )
+        for labels, agg in sets:
+            value = self.compute(agg, th)
+            if isinstance(value, Mapping):
+                for kind, v in value.items():
+                    yield {**labels, "kind": kind}, v
+            else:
+                yield labels, value
+
+
+@dataclass(frozen=True)
+class FromStep:
+    """A value of the latest collected step: its number, a loop value, the noise estimate."""
+
+    read: Callable[[Readout], float | None]
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        if snap.readout is not None:
+            v = self.read(snap.readout)
+            if v is not None:
+                yield {}, v
+
+
+@dataclass(frozen=True)
+class FromLearningRates:
+    """One value per optimizer param group of the latest collected step."""
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        if snap.readout is not None:
+            for i, lr in enumerate(snap.readout.loop.learning_rates):
+                yield {"param_group": str(i)}, lr
+
+
+@dataclass(frozen=True)
+class FromWatch:
+    """A counter or gauge the watch keeps across steps."""
+
+    read: Callable[[WatchSnapshot], float]
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        yield {}, self.read(snap)
+
+
+@dataclass(frozen=True)
+class FromUpdate:
+    """A function of the last sampled update's partials (update, parameter), over all
+    parameters with a gradient or per group."""
+
+    compute: Callable[[Aggregate, Aggregate], float]
+    per_group: bool = False
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        update = snap.update
+        if update is None:
+            return
+        if self.per_group:
+            for g, rows in update.layout.group_rows.items():
+                yield {"group": g}, _finite_update(self.compute, update, rows)
+        else:
+            yield {}, _finite_update(self.compute, update, slice(None))
+
+
+def _finite_update(compute, update: UpdateReadout, rows) -> float:
+    delta, param = update.aggregates(rows)
+    if delta.nonfinite or param.nonfinite:
+        return math.nan
+    return compute(delta, param)
+
+
+@dataclass(frozen=True)
+class FromNonfiniteParams:
+    """The parameters named in the latest collected step that held NaN/Inf."""
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        if snap.last_nonfinite is not None:
+            for i, p in enumerate(snap.last_nonfinite.nonfinite_params):
+                yield {"param": p, "position": str(i)}, 1.0
+
+
+@dataclass(frozen=True)
+class FromStepHistory:
+    """Every finite step's grad_l2_norm since the last scrape (recorded into a histogram)."""
+
+    def norms(self, snap: WatchSnapshot) -> tuple[float, ...]:
+        return snap.norms_since_last
+
+
+@dataclass(frozen=True)
+class FromProcess:
+    """gradwatch's own process-wide values (no optimizer label)."""
+
+    read: Callable[[ProcessView], Samples]
+
+
+@dataclass(frozen=True)
+class FromUpdateStep:
+    """The step number of the last sampled update."""
+
+    def samples(self, stat: Statistic, snap: WatchSnapshot, th: Thresholds, cap: int) -> Samples:
+        if snap.update is not None:
+            yield {}, snap.update.step
+
+
+def _update_ratio(update: Aggregate, param: Aggregate) -> float:
+    norm = total_l2_norm(param)
+    return total_l2_norm(update) / norm if norm > 0 else math.nan
+
+
+def _noise_scale(readout: Readout) -> float | None:
+    """B_simple = tr(Sigma) / |G|^2, a batch size only where both estimates are positive
+    (early or noisy they can be <= 0, being differences of noisy terms)."""
+    noise = readout.noise
+    if noise is None:
+        return None
+    trace, g2 = noise.trace_sigma, noise.true_grad_sq_norm
+    return trace / g2 if g2 > 0 and trace > 0 else math.nan
+
+
+def _info(process: ProcessView) -> Samples:
+    return [({"version": process.version, "backend": ",".join(process.backends) or "none"}, 1.0)]
+
+
+Source = FromPartials | FromStep | FromLearningRates | FromWatch | FromUpdate
+Source = Source | FromUpdateStep | FromNonfiniteParams | FromStepHistory | FromProcess
 
 
 @dataclass(frozen=True)
@@ -114,10 +275,15 @@ class Statistic:
     scope: str
     across_tensors: str
     across_ranks: str
+    source: Source
     labels: tuple[str, ...] = ()
     label_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    compute: Callable[[Aggregate, Thresholds], Value] | None = None
     default_on: bool = True
+
+    @property
+    def compute(self) -> Callable[[Aggregate, Thresholds], Value] | None:
+        """The function of the partials, for statistics of the kernel partials; else None."""
+        return self.source.compute if isinstance(self.source, FromPartials) else None
 
     def with_unit(self, unit: str) -> Statistic:
         return replace(self, unit=unit)
@@ -142,7 +308,7 @@ def _magnitude(otel: str, prom: str, scope: str, formula: str, compute, **kw) ->
         scope=scope,
         across_tensors=kw.pop("across_tensors", "sum of squares over all tensors, then sqrt"),
         across_ranks=kw.pop("across_ranks", _PARTIALS),
-        compute=_finite_only(compute),
+        source=FromPartials(_finite_only(compute)),
         **kw,
     )
 
@@ -159,7 +325,7 @@ CATALOG: tuple[Statistic, ...] = (
         " computes, taken at the optimizer step, i.e. after any clipping the loop did"
         " (then min(pre-clip norm, max_norm) up to the rounding of the scaled gradients to"
         " their dtype: bf16 gradients clipped to 1.0 can read 1.002, exactly their norm).",
-        lambda a: math.sqrt(a.sumsq.sum()),
+        total_l2_norm,
     ),
     _magnitude(
         "grad.rms",
@@ -230,7 +396,7 @@ CATALOG: tuple[Statistic, ...] = (
         scope=GLOBAL,
         across_tensors="zero counts summed, divided by N",
         across_ranks="zero counts and N summed over shards",
-        compute=_per_element(lambda a: a.zero.sum()),
+        source=_partials_per_element(lambda a: a.zero.sum()),
     ),
     Statistic(
         otel_name="grad.nonfinite_elements",
@@ -244,7 +410,7 @@ CATALOG: tuple[Statistic, ...] = (
         across_ranks="counts summed over shards",
         labels=("kind",),
         label_values={"kind": NONFINITE_KINDS},
-        compute=_nonfinite_by_kind,
+        source=FromPartials(_nonfinite_by_kind),
     ),
     Statistic(
         otel_name="grad.tensors_vanishing",
@@ -256,7 +422,7 @@ CATALOG: tuple[Statistic, ...] = (
         scope=GLOBAL,
         across_tensors="count of tensors",
         across_ranks="computed on the full (all-shard) per-tensor norms",
-        compute=_count(lambda a, th: (a.tensor_norms() < th.vanishing).sum()),
+        source=_partials_count(lambda a, th: (a.tensor_norms() < th.vanishing).sum()),
     ),
     Statistic(
         otel_name="grad.tensors_exploding",
@@ -268,7 +434,7 @@ CATALOG: tuple[Statistic, ...] = (
         scope=GLOBAL,
         across_tensors="count of tensors",
         across_ranks="computed on the full (all-shard) per-tensor norms",
-        compute=_count(lambda a, th: (a.tensor_norms() > th.exploding).sum()),
+        source=_partials_count(lambda a, th: (a.tensor_norms() > th.exploding).sum()),
     ),
     Statistic(
         otel_name="grad.elements",
@@ -280,7 +446,7 @@ CATALOG: tuple[Statistic, ...] = (
         scope=GLOBAL,
         across_tensors="sum of numel",
         across_ranks="sum over shards (full parameter sizes)",
-        compute=lambda a, _: float(a.elements),
+        source=FromPartials(lambda a, _: float(a.elements)),
     ),
     Statistic(
         otel_name="grad.tensors",
@@ -292,11 +458,12 @@ CATALOG: tuple[Statistic, ...] = (
         scope=GLOBAL,
         across_tensors="count",
         across_ranks="parameters counted once",
-        compute=lambda a, _: float(a.tensors),
+        source=FromPartials(lambda a, _: float(a.tensors)),
     ),
     Statistic(
         otel_name="grad.stats_step",
         prom_name="grad_stats_step",
+        source=FromStep(lambda r: r.step),
         instrument="gauge",
         unit="{step}",
         formula="Optimizer step that the grad_* gauges belong to: number of optimizer.step()"
@@ -309,6 +476,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.steps",
         prom_name="grad_steps_total",
+        source=FromWatch(lambda w: w.collected_steps),
         instrument="counter",
         unit="{step}",
         formula="Optimizer steps whose gradients were collected (every GRADWATCH_EVERY-th step).",
@@ -319,6 +487,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.nonfinite_steps",
         prom_name="grad_nonfinite_steps_total",
+        source=FromWatch(lambda w: w.nonfinite_steps),
         instrument="counter",
         unit="{step}",
         formula="Collected steps whose gradients held any NaN or +/-Inf element.",
@@ -329,6 +498,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="amp.skipped_steps",
         prom_name="amp_skipped_steps_total",
+        source=FromWatch(lambda w: w.amp_skipped_steps),
         instrument="counter",
         unit="{step}",
         formula="Optimizer steps that torch.amp.GradScaler skipped because the scaled gradients"
@@ -376,7 +546,7 @@ CATALOG: tuple[Statistic, ...] = (
         across_ranks="counts summed over shards",
         labels=("group", "kind"),
         label_values={"kind": NONFINITE_KINDS},
-        compute=_nonfinite_by_kind,
+        source=FromPartials(_nonfinite_by_kind),
     ),
     # ---- per parameter tensor (opt-in) ----
     _magnitude(
@@ -409,7 +579,7 @@ CATALOG: tuple[Statistic, ...] = (
         across_tensors="one tensor",
         across_ranks="zero counts and numel summed over shards",
         labels=("param",),
-        compute=_per_element(lambda a: a.zero.sum()),
+        source=_partials_per_element(lambda a: a.zero.sum()),
         default_on=False,
     ),
     Statistic(
@@ -424,7 +594,7 @@ CATALOG: tuple[Statistic, ...] = (
         across_ranks="counts summed over shards",
         labels=("param", "kind"),
         label_values={"kind": NONFINITE_KINDS},
-        compute=_nonfinite_by_kind,
+        source=FromPartials(_nonfinite_by_kind),
         default_on=False,
     ),
     # ---- this rank's local gradients (before combination across ranks) ----
@@ -441,7 +611,7 @@ CATALOG: tuple[Statistic, ...] = (
         across_ranks="per rank (not combined); sum over ranks >= grad_nonfinite_elements",
         labels=("kind",),
         label_values={"kind": NONFINITE_KINDS},
-        compute=_nonfinite_by_kind,
+        source=FromPartials(_nonfinite_by_kind),
     ),
     # ---- training-health signals (issue 6): clipping, AMP, learning rate, updates, history ----
     # Kept in one section so that other branches' catalog edits merge cleanly around it.
@@ -457,6 +627,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.preclip_l2_norm",
         prom_name="grad_preclip_l2_norm",
+        source=FromStep(lambda r: r.loop.preclip_norm),
         instrument="gauge",
         unit="{gradient}",
         formula="Total L2 norm of the gradients before clipping: the norm"
@@ -472,6 +643,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.clip_coefficient_ratio",
         prom_name="grad_clip_coefficient_ratio",
+        source=FromStep(lambda r: clip_coefficient(r.loop)),
         instrument="gauge",
         unit="1",
         formula="Clipping coefficient the clip applied in the collected step:"
@@ -485,6 +657,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.preclip_nonfinite_steps",
         prom_name="grad_preclip_nonfinite_steps_total",
+        source=FromWatch(lambda w: w.preclip_nonfinite_steps),
         instrument="counter",
         unit="{step}",
         formula="Collected steps whose pre-clip norm (what the clip returned or was given) was"
@@ -498,6 +671,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.clipped_steps",
         prom_name="grad_clipped_steps_total",
+        source=FromWatch(lambda w: w.clipped_steps),
         instrument="counter",
         unit="{step}",
         formula="Collected steps in which the clip scaled the gradients down"
@@ -509,6 +683,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="amp.loss_scale",
         prom_name="amp_loss_scale",
+        source=FromStep(lambda r: r.loop.loss_scale),
         instrument="gauge",
         unit="{factor}",
         formula="Loss scale of torch.amp.GradScaler in the collected step: the factor the loss"
@@ -520,6 +695,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="optimizer.learning_rate",
         prom_name="optimizer_learning_rate",
+        source=FromLearningRates(),
         instrument="gauge",
         unit="{lr}",
         formula="Learning rate of optimizer param group param_group in the collected step:"
@@ -532,6 +708,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.nonfinite_param_info",
         prom_name="grad_nonfinite_param_info",
+        source=FromNonfiniteParams(),
         instrument="gauge",
         unit="{info}",
         formula="Always 1, one series per parameter whose gradient held NaN/Inf in the most"
@@ -546,6 +723,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.l2_norm_per_step",
         prom_name="grad_l2_norm_per_step",
+        source=FromStepHistory(),
         instrument="histogram",
         unit="{gradient}",
         formula="Histogram of grad_l2_norm over every collected step with finite gradients"
@@ -557,6 +735,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.l2_norm_max_since_last_scrape",
         prom_name="grad_l2_norm_max_since_last_scrape",
+        source=FromWatch(lambda w: w.max_norm_since_last),
         instrument="gauge",
         unit="{gradient}",
         formula="Largest grad_l2_norm of the finite collected steps since the previous scrape of"
@@ -568,6 +747,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="param.l2_norm",
         prom_name="param_l2_norm",
+        source=FromUpdate(lambda update, param: total_l2_norm(param)),
         instrument="gauge",
         unit="{weight}",
         formula="L2 norm of the parameters after the sampled step: sqrt(sum of theta_t^2)"
@@ -580,6 +760,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="update.l2_norm",
         prom_name="update_l2_norm",
+        source=FromUpdate(lambda update, param: total_l2_norm(update)),
         instrument="gauge",
         unit="{weight}",
         formula="L2 norm of the update the optimizer applied:"
@@ -594,6 +775,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="update.to_param_ratio",
         prom_name="update_to_param_ratio",
+        source=FromUpdate(_update_ratio),
         instrument="gauge",
         unit="1",
         formula="Relative update size: update_l2_norm / param_l2_norm of the same step,"
@@ -606,6 +788,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="param.group.l2_norm",
         prom_name="param_group_l2_norm",
+        source=FromUpdate(lambda update, param: total_l2_norm(param), per_group=True),
         instrument="gauge",
         unit="{weight}",
         formula="L2 norm of the group's parameters after the sampled step: sqrt(sum of theta_t^2)"
@@ -619,6 +802,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="update.group.l2_norm",
         prom_name="update_group_l2_norm",
+        source=FromUpdate(lambda update, param: total_l2_norm(update), per_group=True),
         instrument="gauge",
         unit="{weight}",
         formula="L2 norm of the group's update: sqrt(sum of (theta_t - theta_(t-1))^2)"
@@ -632,6 +816,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="update.group.to_param_ratio",
         prom_name="update_group_to_param_ratio",
+        source=FromUpdate(_update_ratio, per_group=True),
         instrument="gauge",
         unit="1",
         formula="Relative update size of the group: update_group_l2_norm / param_group_l2_norm,"
@@ -645,6 +830,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="update.stats_step",
         prom_name="update_stats_step",
+        source=FromUpdateStep(),
         instrument="gauge",
         unit="{step}",
         formula="Optimizer step that the update_* and param_* gauges belong to (the last step"
@@ -656,6 +842,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.unreduced_tensors",
         prom_name="grad_unreduced_tensors",
+        source=FromStep(lambda r: r.loop.unreduced_tensors or None),
         instrument="gauge",
         unit="{tensor}",
         formula="Parameter tensors of the collected step whose gradient gradwatch cannot reduce"
@@ -669,6 +856,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.accumulation_micro_batches",
         prom_name="grad_accumulation_micro_batches",
+        source=FromStep(lambda r: r.loop.micro_batches),
         instrument="gauge",
         unit="{batch}",
         formula="Backward passes k between the previous optimizer step and the collected one:"
@@ -681,6 +869,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.noise_trace_sigma",
         prom_name="grad_noise_trace_sigma",
+        source=FromStep(lambda r: r.noise.trace_sigma if r.noise else None),
         instrument="gauge",
         unit="{gradientsquared}",
         formula="Trace of the per-sample gradient covariance, tr(Sigma): bias-corrected EMA"
@@ -696,6 +885,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.noise_true_grad_sq_norm",
         prom_name="grad_noise_true_grad_sq_norm",
+        source=FromStep(lambda r: r.noise.true_grad_sq_norm if r.noise else None),
         instrument="gauge",
         unit="{gradientsquared}",
         formula="Squared norm of the true (full-data) gradient, |G|^2: bias-corrected EMA"
@@ -709,6 +899,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="grad.noise_scale",
         prom_name="grad_noise_scale",
+        source=FromStep(_noise_scale),
         instrument="gauge",
         unit="{sample}",
         formula="Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018,"
@@ -722,6 +913,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="gradwatch.collect",
         prom_name="gradwatch_collect_seconds",
+        source=FromWatch(lambda w: w.collect_seconds),
         instrument="gauge",
         unit="s",
         formula="Host time the training thread spent in gradwatch's last collection (launch or"
@@ -733,6 +925,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="gradwatch.errors",
         prom_name="gradwatch_errors_total",
+        source=FromProcess(lambda p: [({"stage": k}, float(n)) for k, n in p.errors]),
         instrument="counter",
         unit="{error}",
         formula="Failures inside gradwatch, by stage (collect, readout, export, server, names),"
@@ -747,6 +940,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="gradwatch.dropped_steps",
         prom_name="gradwatch_dropped_steps_total",
+        source=FromWatch(lambda w: w.dropped_steps),
         instrument="counter",
         unit="{step}",
         formula="Collections dropped because the device had not finished the previous ones"
@@ -758,6 +952,7 @@ CATALOG: tuple[Statistic, ...] = (
     Statistic(
         otel_name="gradwatch.info",
         prom_name="gradwatch_info",
+        source=FromProcess(_info),
         instrument="gauge",
         unit="{info}",
         formula="Always 1; labels carry the gradwatch version and the reduction backend in use.",
@@ -769,6 +964,7 @@ CATALOG: tuple[Statistic, ...] = (
 )
 
 BY_PROM_NAME: dict[str, Statistic] = {s.prom_name: s for s in CATALOG}
+STEP = BY_PROM_NAME["grad_stats_step"]  # the step number the grad_* values belong to
 
 
 def markdown_table(thresholds: Thresholds | None = None) -> str:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from . import __version__, catalog
 from .catalog import Statistic, Thresholds
 from .config import Config, binds_all_interfaces, server_class, tls_context
+from .records import ProcessView
 from .serving import ScrapeBudget, _QuietHandler, _Server, metrics_only
 
 log = logging.getLogger("gradwatch")
@@ -38,24 +39,13 @@ NORM_BUCKETS = tuple(
     float(f"{m}e{e}") for e in range(-8, 5) for m in (1, 2, 5) if float(f"{m}e{e}") <= 1e4
 )
 
-# Statistics of the sampled parameter update: (what, scope) of UpdateReadout.values().
-_UPDATE_STATS = {
-    "param_l2_norm": ("param", False),
-    "update_l2_norm": ("update", False),
-    "update_to_param_ratio": ("ratio", False),
-    "param_group_l2_norm": ("param", True),
-    "update_group_l2_norm": ("update", True),
-    "update_group_to_param_ratio": ("ratio", True),
-}
+# The one histogram: every collected step's norm, recorded at scrapes (see record_norms).
+(_HISTORY,) = [s for s in catalog.CATALOG if isinstance(s.source, catalog.FromStepHistory)]
 
-# Training statistics read from a readout's context under this key.
-_CONTEXT_STATS = {
-    "grad_unreduced_tensors": "unreduced_tensors",
-    "grad_accumulation_micro_batches": "micro_batches",
-    "grad_noise_trace_sigma": "noise_trace_sigma",
-    "grad_noise_true_grad_sq_norm": "noise_true_grad_sq_norm",
-    "grad_noise_scale": "noise_scale",
-}
+
+def _finite(samples) -> list[tuple[dict[str, str], float]]:
+    """A value that is not finite yields no sample (see the module docstring)."""
+    return [(labels, float(v)) for labels, v in samples if v is not None and math.isfinite(v)]
 
 
 class _PinningRegistry(CollectorRegistry):
@@ -211,13 +201,13 @@ class Exporter:
             self.session.errors.record("export", exc)
             self._pinned = []
         for index, snap in self._pinned:  # every step's norm since the last scrape
-            self.record_norms(index, snap.norms_since_last)
+            self.record_norms(index, _HISTORY.source.norms(snap))
 
     def record_norms(self, index: str, norms) -> None:
         """Per-step norms of one optimizer into the histogram (at a scrape, or from the training
         thread when many steps pass without one)."""
         try:
-            hist = self._histograms.get("grad_l2_norm_per_step")
+            hist = self._histograms[_HISTORY.prom_name]
             attrs = {"optimizer": index}
             for v in norms:
                 hist.record(v, attrs)
@@ -236,104 +226,20 @@ class Exporter:
 
     def values(self, stat: Statistic, pinned=None) -> list[tuple[dict[str, str], float]]:
         """The (labels, value) samples of one statistic from the pinned snapshots (those of the
-        scrape in progress, or ``pinned``: [(optimizer index, WatchSnapshot)])."""
-        session = self.session
-        name = stat.prom_name
-        if stat.scope == catalog.SELF:
-            if name == "gradwatch_errors_total":
-                return [({"stage": k}, float(v)) for k, v in sorted(session.errors.counts.items())]
-            if name == "gradwatch_info":
-                backends = ",".join(sorted(session.backend_names())) or "none"
-                return [({"version": __version__, "backend": backends}, 1.0)]
+        scrape in progress, or ``pinned``: [(optimizer index, WatchSnapshot)]), as its catalog
+        entry's source computes them; values that are not finite are left out."""
+        source = stat.source
+        if isinstance(source, catalog.FromProcess):
+            return _finite(source.read(self._process()))
         out = []
         for index, snap in self._pinned if pinned is None else pinned:
-            labels = {"optimizer": index}
-            if name == "gradwatch_collect_seconds":
-                v = snap.collect_seconds
-            elif name == "gradwatch_dropped_steps_total":
-                v = snap.dropped_steps
-            elif name == "grad_steps_total":
-                v = snap.collected_steps
-            elif name == "grad_nonfinite_steps_total":
-                v = snap.nonfinite_steps
-            elif name == "amp_skipped_steps_total":
-                v = snap.amp_skipped_steps
-            elif name == "grad_clipped_steps_total":
-                v = snap.clipped_steps
-            elif name == "grad_preclip_nonfinite_steps_total":
-                v = snap.preclip_nonfinite_steps
-            elif name == "grad_l2_norm_max_since_last_scrape":
-                v = snap.max_norm_since_last
-            elif name in _UPDATE_STATS or name == "update_stats_step":
-                out += self._update_values(name, labels, snap.update)
-                continue
-            elif name == "grad_nonfinite_param_info":
-                if snap.last_nonfinite is not None:
-                    out += self._training_values(name, labels, snap.last_nonfinite)
-                continue
-            elif stat.scope == catalog.TRAINING:
-                if snap.readout is not None:
-                    out += self._training_values(name, labels, snap.readout)
-                continue
-            else:
-                readout = snap.readout
-                if readout is None:
-                    continue
-                if name == "grad_stats_step":
-                    v = readout.step
-                else:
-                    out += [
-                        ({**labels, **a}, x)
-                        for a, x in readout.observations(
-                            stat, self.thresholds, self.config.max_params
-                        )
-                    ]
-                    continue
-            if v is not None and math.isfinite(v):
-                out.append((labels, float(v)))
+            samples = source.samples(stat, snap, self.thresholds, self.config.max_params)
+            out += _finite(({"optimizer": index, **labels}, v) for labels, v in samples)
         return out
 
-    @staticmethod
-    def _training_values(name: str, labels: dict, readout) -> list[tuple[dict[str, str], float]]:
-        ctx = readout.context
-        if name == "grad_preclip_l2_norm":
-            values = [(labels, ctx.get("preclip_norm", math.nan))]
-        elif name == "grad_clip_coefficient_ratio":
-            values = [(labels, readout.clip_coefficient)]
-        elif name == "amp_loss_scale":
-            values = [(labels, ctx.get("loss_scale", math.nan))]
-        elif name == "optimizer_learning_rate":
-            values = [
-                ({**labels, "param_group": key[3:]}, v)
-                for key, v in ctx.items()
-                if key.startswith("lr:")
-            ]
-        elif name in _CONTEXT_STATS:
-            values = [(labels, ctx.get(_CONTEXT_STATS[name], math.nan))]
-        elif name == "grad_nonfinite_param_info":
-            values = [
-                ({**labels, "param": p, "position": str(i)}, 1.0)
-                for i, p in enumerate(readout.nonfinite_params)
-            ]
-        else:
-            values = []
-        return [(a, float(v)) for a, v in values if math.isfinite(v)]
-
-    @staticmethod
-    def _update_values(name: str, labels: dict, update) -> list[tuple[dict[str, str], float]]:
-        if update is None:
-            return []
-        if name == "update_stats_step":
-            return [(labels, float(update.step))]
-        what, per_group = _UPDATE_STATS[name]
-        if per_group:
-            values = [
-                ({**labels, "group": g}, update.values(what, rows))
-                for g, rows in update.layout.group_rows.items()
-            ]
-        else:
-            values = [(labels, update.values(what))]
-        return [(a, float(v)) for a, v in values if math.isfinite(v)]
+    def _process(self) -> ProcessView:
+        errors = tuple(sorted(self.session.errors.counts.items()))
+        return ProcessView(errors, tuple(sorted(self.session.backend_names())), __version__)
 
     # ---- endpoint ----
     def start_server(self, port: int | None = None) -> None:

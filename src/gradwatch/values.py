@@ -106,7 +106,7 @@ def build(session) -> Statistics:
         for labels, value in exporter.values(stat, pinned):
             if math.isfinite(value):
                 samples.append(Sample(stat.prom_name, tuple(sorted(labels.items())), value))
-    steps = [s.value for s in samples if s.name == "grad_stats_step"]
+    steps = [s.value for s in samples if s.name == catalog.STEP.prom_name]
     index: dict[str, list[Sample]] = {}
     for s in samples:
         index.setdefault(s.name, []).append(s)

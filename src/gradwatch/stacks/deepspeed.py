@@ -27,6 +27,7 @@ Data parallelism only: the ZeRO group must be the whole world (no tensor or pipe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ import torch
 
 from ..collector import OptimizerWatch
 from ..kernels import N_PARTIALS
+from ..loop_values import with_host_values
+from ..records import DeviceValue
 
 log = logging.getLogger("gradwatch")
 
@@ -208,23 +211,25 @@ class ZeroWatch(OptimizerWatch):
 
     def _publish_rows(self, zero) -> None:
         zl = self._zero_layout()
-        layout = self._layout_for(zl.params, zl.group_of)
+        layout = self.listing.layout_for(zl.params, zl.group_of)
         t = len(zl.params)
         device = self._rows[0][1].device if self._rows else torch.device("cpu")
         full = torch.zeros((t, N_PARTIALS), dtype=torch.float64, device=device)
         for flat_id, partials in self._rows:
             # at most one segment of a parameter per flat partition and rank: plain assignment
             full.index_copy_(0, self._row_index(flat_id, device), partials)
-        context, device_values = self._context(None)
+        loop, device_values = self._loop_values(None)
         norm, max_norm = getattr(zero, "_global_grad_norm", None), getattr(zero, "clip_grad", 0)
+        changes: dict[str, float] = {}
         if max_norm and max_norm > 0 and norm is not None:
-            context["clip_max_norm"] = float(max_norm)
+            changes["clip_max_norm"] = float(max_norm)
             if isinstance(norm, torch.Tensor) and norm.device.type != "cpu":
-                device_values.append(("preclip_norm", norm.detach().reshape(())))
+                device_values.append(DeviceValue("preclip_norm", None, norm.detach().reshape(())))
             else:
-                context["preclip_norm"] = float(norm)
+                changes["preclip_norm"] = float(norm)
         if self._loss_scale is not None:
-            context["loss_scale"] = self._loss_scale
+            changes["loss_scale"] = self._loss_scale
+        loop = dataclasses.replace(loop, **changes)
         owned = np.ones(t, dtype=bool)  # rows without a piece here are zero: identity of both ops
         combine = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         if device.type == "cuda":
@@ -233,14 +238,13 @@ class ZeroWatch(OptimizerWatch):
                 lambda: full,
                 layout,
                 zl.numel,
-                context,
+                loop,
                 device_values,
                 owned if combine else None,
             )
             return
-        for key, value in device_values:
-            context[key] = float(value)
-        self._publish_host(full, layout, zl.numel, context, owned if combine else None)
+        loop = with_host_values(loop, device_values)
+        self._publish_host(full, layout, zl.numel, loop, owned if combine else None)
 
 
 def patch(session, module, class_name: str) -> tuple[type, dict[str, object]] | None:
