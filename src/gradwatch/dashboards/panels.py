@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..catalog import BY_PROM_NAME
 from ..config import DEFAULT_PORT
 from .rules import HEALTH_RECORD, HEALTH_WHAT, health_heuristic
 from .spec import (
@@ -30,10 +29,15 @@ NAN_GAP = (
 RED_ABOVE_0 = ((None, "green"), (1, "red"))
 
 
+def metric(name: str, prefix: str = "") -> Query:
+    """A catalog metric as is: one series per process and optimizer."""
+    return Query(sel(name), prefix + WHO)
+
+
 def magnitude(name: str, title: str, what: str, legend: str = WHO) -> Panel:
     """A gradient magnitude over time (log axis; NaN steps are gaps)."""
     query = Query(sel(name), legend)
-    return Panel(title, what + NAN_GAP, [query], unit_of(name), log=True)
+    return Panel(title, what + NAN_GAP, [query], unit_of(name))
 
 
 def per_second(counter: str, title: str, what: str, size: tuple[int, int], by: str = "") -> Panel:
@@ -116,7 +120,7 @@ HEALTH = [
         "Zero gradient elements",
         "Fraction of gradient elements exactly 0 (dead units, unused embedding rows, masked"
         " parameters).",
-        [Query(sel("grad_zero_ratio"), WHO)],
+        [metric("grad_zero_ratio")],
         "percentunit",
         (12, 6),
     ),
@@ -125,9 +129,9 @@ HEALTH = [
         "Gradient tensors whose own L2 norm is below the vanishing / above the exploding"
         " threshold, out of T tensors.",
         [
-            Query(sel("grad_tensors_vanishing"), "vanishing " + WHO),
-            Query(sel("grad_tensors_exploding"), "exploding " + WHO),
-            Query(sel("grad_tensors"), "T (all tensors) " + WHO),
+            metric("grad_tensors_vanishing", "vanishing "),
+            metric("grad_tensors_exploding", "exploding "),
+            metric("grad_tensors", "T (all tensors) "),
         ],
         "short",
     ),
@@ -153,19 +157,18 @@ PER_TENSOR = [
         "Each gradient tensor's own L2 norm ||g_i||, reduced over the tensors: smallest, mean"
         " and largest." + NAN_GAP,
         [
-            Query(sel("grad_tensor_l2_norm_min"), "min " + WHO),
-            Query(sel("grad_tensor_l2_norm_mean"), "mean " + WHO),
-            Query(sel("grad_tensor_l2_norm_max"), "max " + WHO),
+            metric("grad_tensor_l2_norm_min", "min "),
+            metric("grad_tensor_l2_norm_mean", "mean "),
+            metric("grad_tensor_l2_norm_max", "max "),
         ],
         "sci",
-        log=True,
     ),
     Panel(
         "Per-tensor norm spread (max / min)",
         "Ratio of the largest to the smallest per-tensor L2 norm: how many times the most"
         " active tensor's gradient outweighs the least active one's. Absent (a gap) when a"
         " tensor's gradient is all zero." + NAN_GAP,
-        [Query(sel("grad_tensor_l2_norm_max_to_min_ratio"), WHO)],
+        [metric("grad_tensor_l2_norm_max_to_min_ratio")],
         "short",
         log=True,
     ),
@@ -192,12 +195,8 @@ CLIPPING = [
         "Gradient norm before and after clipping",
         "The total norm clip_grad_norm_ returned (before clipping) and the total norm the"
         " optimizer applied (after clipping). Apart where clipping bites." + NAN_GAP,
-        [
-            Query(sel("grad_preclip_l2_norm"), "pre-clip " + WHO),
-            Query(sel("grad_l2_norm"), "applied " + WHO),
-        ],
+        [metric("grad_preclip_l2_norm", "pre-clip "), metric("grad_l2_norm", "applied ")],
         "sci",
-        log=True,
     ),
     Panel(
         "Clipping coefficient and clipped steps",
@@ -205,7 +204,7 @@ CLIPPING = [
         " clipped, and the fraction whose pre-clip norm was NaN/Inf (the clip then zeroed or"
         " poisoned the gradients: no coefficient is shown for them), per $__rate_interval.",
         [
-            Query(sel("grad_clip_coefficient_ratio"), "coefficient " + WHO),
+            metric("grad_clip_coefficient_ratio", "coefficient "),
             Query(_fraction_of_steps("grad_clipped_steps_total"), "clipped fraction " + WHO),
             Query(
                 _fraction_of_steps("grad_preclip_nonfinite_steps_total"),
@@ -220,11 +219,10 @@ CLIPPING = [
         " next to the last step's: a one-step spike shows here even when the scrape lands on"
         " a calm step.",
         [
-            Query(sel("grad_l2_norm_max_since_last_scrape"), "max since scrape " + WHO),
-            Query(sel("grad_l2_norm"), "last step " + WHO),
+            metric("grad_l2_norm_max_since_last_scrape", "max since scrape "),
+            metric("grad_l2_norm", "last step "),
         ],
         "sci",
-        log=True,
     ),
     Panel(
         "Per-step gradient norm quantiles",
@@ -233,7 +231,6 @@ CLIPPING = [
         " only to its bucket).",
         [_norm_quantile(0.5), _norm_quantile(0.99)],
         "sci",
-        log=True,
     ),
 ]
 
@@ -243,7 +240,7 @@ UPDATES = [
         "AMP loss scale",
         "The factor torch.amp.GradScaler multiplied the loss by; it halves at each skipped"
         " (overflowing) step and grows after a run of good ones.",
-        [Query(sel("amp_loss_scale"), WHO)],
+        [metric("amp_loss_scale")],
         "short",
         (8, 8),
         log=True,
@@ -251,10 +248,9 @@ UPDATES = [
     Panel(
         "Learning rate",
         "Learning rate of each optimizer param group, as the optimizer applied it.",
-        [Query(sel("optimizer_learning_rate"), "group {{param_group}} " + WHO)],
+        [metric("optimizer_learning_rate", "group {{param_group}} ")],
         "sci",
         (8, 8),
-        log=True,
     ),
     Panel(
         "Parameters with non-finite gradients (first 5)",
@@ -276,21 +272,16 @@ UPDATES = [
         "||theta_t - theta_(t-1)|| / ||theta_t|| of the sampled steps, whole model and per"
         " group (every GRADWATCH_UPDATE_EVERY-th step).",
         [
-            Query(sel("update_to_param_ratio"), "all " + WHO),
-            Query(sel("update_group_to_param_ratio"), "{{group}} " + WHO),
+            metric("update_to_param_ratio", "all "),
+            metric("update_group_to_param_ratio", "{{group}} "),
         ],
         "sci",
-        log=True,
     ),
     Panel(
         "Update and parameter norms",
         "L2 norms of the sampled update and of the parameters after it.",
-        [
-            Query(sel("update_l2_norm"), "update " + WHO),
-            Query(sel("param_l2_norm"), "params " + WHO),
-        ],
+        [metric("update_l2_norm", "update "), metric("param_l2_norm", "params ")],
         "sci",
-        log=True,
     ),
 ]
 
@@ -303,8 +294,8 @@ NOISE = [
         " GRADWATCH_MICRO_BATCH_SIZE and k >= 2 micro-batches per step; the micro-batch count k"
         " is shown for reference.",
         [
-            Query(sel("grad_noise_scale"), "B_simple " + WHO),
-            Query(sel("grad_accumulation_micro_batches"), "k micro-batches " + WHO),
+            metric("grad_noise_scale", "B_simple "),
+            metric("grad_accumulation_micro_batches", "k micro-batches "),
         ],
         "short",
         log=True,
@@ -336,7 +327,7 @@ COST = [
     Panel(
         "gradwatch collection time",
         "Host time the training thread spent in gradwatch's last collection.",
-        [Query(sel("gradwatch_collect_seconds"), WHO)],
+        [metric("gradwatch_collect_seconds")],
         "s",
         (8, 7),
     ),
@@ -461,14 +452,12 @@ PER_GROUP = [
         " their group.",
         [Query(RMS_RATIO, WHO)],
         "sci",
-        log=True,
     ),
     Panel(
         "Group |gradient| maximum",
         "Largest absolute gradient element per group." + NAN_GAP,
         [Query(sel("grad_group_abs_max"), GWHO)],
         "sci",
-        log=True,
     ),
     Panel(
         "Group non-finite elements",
@@ -511,10 +500,9 @@ LAYERS = Dashboard(
 
 def by_rank(name: str, title: str, what: str, size: tuple[int, int] = (12, 8)) -> Panel:
     """A gauge's maximum over each rank's optimizers."""
-    log = BY_PROM_NAME[name].unit == "{gradient}"
     query = Query(f"max by (rank) ({sel(name)})", RWHO)
     what += " (max over the rank's optimizers)."
-    return Panel(title, what, [query], unit_of(name), size, log=log)
+    return Panel(title, what, [query], unit_of(name), size)
 
 
 def _nonfinite_by_rank(name: str, title: str, what: str) -> Panel:

@@ -90,7 +90,7 @@ class Panel:
     unit: str  # a Grafana unit id
     size: tuple[int, int] = (12, 8)  # (width of 24 columns, height)
     kind: Literal["timeseries", "stat", "table", "heatmap"] = "timeseries"
-    log: bool = False  # timeseries: log10 y axis
+    log: bool | None = None  # timeseries: log10 y axis; None: for "sci" (spans decades)
     thresholds: Steps = GREEN  # stat: background colour steps
     calc: str = "lastNotNull"  # stat: reduction over the time range
     columns: Sequence[str | None] = ()  # table: each query's value column name (None hides it)
@@ -165,15 +165,12 @@ def _timeseries(p: Panel) -> dict:
         "showPoints": "never",
         "spanNulls": False,
     }
-    if p.log:
+    if p.log or (p.log is None and p.unit == "sci"):
         custom["scaleDistribution"] = {"type": "log", "log": 10}
     legend = {"displayMode": "table", "placement": "bottom", "showLegend": True}
     return {
         "fieldConfig": _field_config(
-            p.unit,
-            color={"mode": "palette-classic"},
-            custom=custom,
-            thresholds=_thresholds(GREEN),
+            p.unit, color={"mode": "palette-classic"}, custom=custom, thresholds=_thresholds(GREEN)
         ),
         "options": {
             "legend": legend | {"calcs": ["lastNotNull", "max"]},
