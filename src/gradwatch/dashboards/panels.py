@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from ..config import DEFAULT_PORT
 from .rules import HEALTH_RECORD, HEALTH_WHAT, health_heuristic
 from .spec import (
@@ -41,7 +39,7 @@ def magnitude(name: str, title: str, what: str, legend: str = WHO) -> Panel:
 
 
 def per_second(counter: str, title: str, what: str, size: tuple[int, int], by: str = "") -> Panel:
-    """A counter's rate, per series or summed ``by`` labels."""
+    """A step counter's rate, per series or summed ``by`` labels."""
     expr = f"rate({sel(counter)}[{RATE}])"
     expr, legend = (f"sum by ({by}) ({expr})", RWHO) if by else (expr, WHO)
     return Panel(title, what, [Query(expr, legend)], "suffix: steps/s", size)
@@ -371,7 +369,10 @@ OVERVIEW = Dashboard(
 # --------------------------------------------------------------------------------------------
 
 
-def _params_table(title: str, what: str, expr: str, unit: str, column: str, size=(8, 10)) -> Panel:
+def _params_table(
+    title: str, what: str, expr: str, unit: str, column: str, size: tuple[int, int] = (8, 10)
+) -> Panel:
+    """An instant table of one query, one value column."""
     return Panel(title, what, [Query(expr)], unit, size, kind="table", columns=[column])
 
 
@@ -512,7 +513,7 @@ def _nonfinite_by_rank(name: str, title: str, what: str) -> Panel:
 
 SKEW = f"max({sel('grad_stats_step')}) - min({sel('grad_stats_step')})"
 
-RANK_PANELS: Sequence[Panel | Row] = [
+RANK_PANELS = [
     Row("Key statistics by rank"),
     by_rank(
         "grad_l2_norm",

@@ -103,11 +103,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Variable:
-    """A query variable offering the values of ``label`` on the series ``selector`` matches."""
+    """A query variable offering the values of the label ``values_of`` on the series
+    ``selector`` matches."""
 
     name: str
     selector: str
-    label: str
+    values_of: str
     description: str
     default: str | None = None  # a single-valued variable's default; None: multi-valued, All
     sort: int = 1  # Grafana's sort mode (1 alphabetical, 3 numerical)
@@ -293,7 +294,7 @@ DATASOURCE_VARIABLE = {
 
 
 def render_variable(v: Variable) -> dict:
-    query = f"label_values({v.selector}, {v.label})"
+    query = f"label_values({v.selector}, {v.values_of})"
     multi = v.default is None
     out: dict[str, Any] = {
         "type": "query",
