@@ -184,6 +184,21 @@ def test_promql_reader() -> None:
     assert sels[2].functions == ("topk", "max_over_time") and sels[2].range == "5m"
 
 
+def test_sel_is_the_one_selector_and_knows_only_catalog_names() -> None:
+    assert dashboards.sel("grad_l2_norm") == (
+        'grad_l2_norm{job=~"$job", instance=~"$instance", rank=~"$rank"}'
+    )
+    assert dashboards.sel("grad_group_rms", 'group="a"', filters=("job",)) == (
+        'grad_group_rms{job=~"$job", group="a"}'
+    )
+    assert dashboards.sel("grad_l2_norm_per_step_bucket", filters=()) == (
+        "grad_l2_norm_per_step_bucket"
+    )
+    assert dashboards.sel("up", 'job="x"', filters=()) == 'up{job="x"}'
+    with pytest.raises(KeyError):
+        dashboards.sel("grad_l2_norms")
+
+
 # ---------------------------------------------------------------------------------------------
 # (1) committed files are the generated ones
 # ---------------------------------------------------------------------------------------------
