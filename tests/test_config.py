@@ -37,7 +37,7 @@ BAD = {
 
 
 def test_every_documented_setting_has_bad_value_cases():
-    assert {s.name for s in SETTINGS} <= set(BAD)
+    assert {s.var for s in SETTINGS} <= set(BAD)
 
 
 @pytest.mark.parametrize("name,raw", [(n, v) for n, vs in BAD.items() for v in vs])
@@ -127,9 +127,9 @@ def test_watch_documents_every_argument_from_the_settings_table():
     from gradwatch.config import FIELDS, SETTINGS
 
     doc = gradwatch.watch.__doc__
-    rows = {s.name: s for s in SETTINGS}
+    rows = {s.var: s for s in SETTINGS}
     for arg, field in FIELDS.items():
         if arg == "enabled" or field.var not in rows:
             continue
-        assert f"``{arg}`` ({field.var}; default {rows[field.var].default})" in doc, arg
+        assert f"``{arg}`` ({field.var}; default {rows[field.var].shown_default})" in doc, arg
         assert rows[field.var].accepted in doc, arg
