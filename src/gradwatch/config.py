@@ -412,7 +412,7 @@ class Setting:
     shown_default: str  # the default as README shows it
     accepted: str  # README's accepted values ("" for launcher variables)
     meaning: str
-    argument: object  # watch()'s annotation (None added); None: not a watch() argument
+    argument: object  # watch()'s annotation for the keyword (None, "keep", added)
     launcher: bool  # set by torchrun and the like: no README row, set but empty means unset
 
 
@@ -424,7 +424,7 @@ def setting(
     accepted: str = "",
     meaning: str = "",
     shown_default: str | None = None,
-    argument: object = None,
+    argument: object,
     launcher: bool = False,
 ) -> T:
     """A Config field with its settings-table row in the field's metadata (see :data:`TABLE`).
@@ -459,6 +459,7 @@ class Config:
         accepted=_BOOL_ACCEPTED,
         meaning="1 turns on no-code mode (every optimizer is watched); 0 turns every form off,"
         " `watch()` included.",
+        argument=bool | str,
     )
     port: int = setting(
         DEFAULT_PORT,
@@ -674,9 +675,13 @@ class Config:
         " endpoint off, use `otlp,prometheus` for both.",
         argument=ExportersArg,
     )
-    local_rank: int = setting(0, "LOCAL_RANK", _int_field(0, MAX_RANK), launcher=True)
-    rank: int = setting(0, "RANK", _int_field(0, MAX_RANK), launcher=True)
-    world_size: int = setting(1, "WORLD_SIZE", _int_field(1, MAX_RANK + 1), launcher=True)
+    local_rank: int = setting(
+        0, "LOCAL_RANK", _int_field(0, MAX_RANK), argument=int | str, launcher=True
+    )
+    rank: int = setting(0, "RANK", _int_field(0, MAX_RANK), argument=int | str, launcher=True)
+    world_size: int = setting(
+        1, "WORLD_SIZE", _int_field(1, MAX_RANK + 1), argument=int | str, launcher=True
+    )
 
     def with_overrides(self, **kw: object) -> Config:
         """Apply explicit `watch()` arguments (None means: keep the env/default value).
@@ -707,7 +712,10 @@ TABLE: tuple[Setting, ...] = tuple(
 )
 FIELDS: dict[str, Setting] = {s.name: s for s in TABLE}  # field name -> its row
 SETTINGS: tuple[Setting, ...] = tuple(s for s in TABLE if not s.launcher)  # README's rows
-ARGUMENTS: tuple[Setting, ...] = tuple(s for s in TABLE if s.argument is not None)  # watch()'s
+# watch() takes every setting as a keyword: first the documented ones, in README's order, then
+# the stand-ins for GRADWATCH (whose meaning is no-code mode's) and the launcher variables.
+ARGUMENTS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.name != "enabled")
+KEYWORDS: tuple[Setting, ...] = ARGUMENTS + tuple(s for s in TABLE if s not in ARGUMENTS)
 
 
 def arguments_doc() -> str:
@@ -719,6 +727,11 @@ def arguments_doc() -> str:
         out.append(
             f"    ``{s.name}`` ({s.var}; default {s.shown_default}): {s.accepted}. {meaning}"
         )
+    names = ", ".join(f"``{s.name}`` ({s.var})" for s in KEYWORDS[len(ARGUMENTS) :])
+    out.append(
+        f"    {names}: read like their variables and in their place, for tests and launchers"
+        " that set none (``enabled=False``: telemetry off)."
+    )
     return "\n".join(out)
 
 
