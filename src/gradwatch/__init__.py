@@ -83,7 +83,7 @@ def watch(
             stats = handle.latest()  # step 3: steps 1 and 3 are collected
             print(stats.step, stats.get("grad_l2_norm", optimizer="0"))
     """
-    # The keywords in the signature are the settings table's arguments (a test holds them
+    # The keywords above are the settings table's rows, config.KEYWORDS (a test holds the two
     # together); only those given travel on, so that a second watch() with none asks for none.
     given = {k: v for k, v in locals().items() if k not in ("model", "optimizer") and v is not None}
     from .session import watch as _watch

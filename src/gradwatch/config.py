@@ -397,7 +397,7 @@ GroupsArg = str | Mapping[str, str | Iterable[str]] | Iterable[tuple[str, str | 
 RanksArg = str | Iterable[int]
 ExportersArg = str | Sequence[str] | AbstractSet[str]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -417,7 +417,7 @@ class Setting:
 
 
 def setting(
-    default: T,
+    default: _T,
     var: str,
     parse: Parser,
     *,
@@ -426,7 +426,7 @@ def setting(
     shown_default: str | None = None,
     argument: object,
     launcher: bool = False,
-) -> T:
+) -> _T:
     """A Config field with its settings-table row in the field's metadata (see :data:`TABLE`).
     Typed as the default so that a type checker reads ``port: int = setting(9464, ...)`` as a
     plain int field with a default."""
