@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gradwatch.config import SETTINGS, Config, SettingError, from_env, parse_groups
+from gradwatch.config import (
+    FIELDS,
+    KEYWORDS,
+    SETTINGS,
+    TABLE,
+    Config,
+    SettingError,
+    from_env,
+    parse_groups,
+)
 
 BAD_VALUES = ["", "  ", "garbage", "-1", "1e999", "９", "💥", "0x10", "nan", "99999999999999"]
 
@@ -37,7 +46,7 @@ BAD = {
 
 
 def test_every_documented_setting_has_bad_value_cases():
-    assert {s.name for s in SETTINGS} <= set(BAD)
+    assert {s.var for s in SETTINGS} <= set(BAD)
 
 
 @pytest.mark.parametrize("name,raw", [(n, v) for n, vs in BAD.items() for v in vs])
@@ -124,12 +133,108 @@ def test_watch_documents_every_argument_from_the_settings_table():
     """watch()'s docstring is made from the same table as the README: every keyword argument,
     its variable and its accepted values (no argument can be undocumented)."""
     import gradwatch
-    from gradwatch.config import FIELDS, SETTINGS
 
     doc = gradwatch.watch.__doc__
-    rows = {s.name: s for s in SETTINGS}
+    rows = {s.var: s for s in SETTINGS}
     for arg, field in FIELDS.items():
         if arg == "enabled" or field.var not in rows:
             continue
-        assert f"``{arg}`` ({field.var}; default {rows[field.var].default})" in doc, arg
+        assert f"``{arg}`` ({field.var}; default {rows[field.var].shown_default})" in doc, arg
         assert rows[field.var].accepted in doc, arg
+
+
+def test_watch_signature_is_the_settings_table():
+    """watch()'s keywords, written out for type checkers and help(), are the table's rows: same
+    names in the same order (the documented settings, then GRADWATCH's and the launcher's
+    stand-ins), the row's annotation, and None (keep the variable's value) as default."""
+    import inspect
+    import typing
+
+    import gradwatch
+
+    params = list(inspect.signature(gradwatch.watch).parameters.values())
+    assert [p.name for p in params[:2]] == ["model", "optimizer"]
+    keywords = params[2:]
+    assert [p.name for p in keywords] == [s.name for s in KEYWORDS]
+    assert {s.name for s in KEYWORDS} == {s.name for s in TABLE}
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is None for p in keywords)
+    hints = typing.get_type_hints(gradwatch.watch, localns={"Handle": object})
+    for s in KEYWORDS:
+        assert hints[s.name] == s.argument | None, s.name
+
+
+def test_settings_table_is_config():
+    """Config's fields and defaults are the table's rows; README shows every non-launcher row."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(Config)] == [s.name for s in TABLE] == list(FIELDS)
+    assert all(getattr(Config(), s.name) == s.default for s in TABLE)
+    assert [s.var for s in TABLE if s.launcher] == ["LOCAL_RANK", "RANK", "WORLD_SIZE"]
+    assert all(s.accepted and s.meaning for s in SETTINGS)
+
+
+GOOD = {
+    "GRADWATCH_PORT": ["0", "9500", " 65535 "],
+    "GRADWATCH_HOST": ["0.0.0.0", "[::1]", "localhost"],
+    "GRADWATCH_EVERY": ["1", "+10", "1000000000"],
+    "GRADWATCH_GROUPS": ["host=host.,seed=seed.|stem.", " a = x. "],
+    "GRADWATCH_PER_PARAM": ["on", " Yes ", "0"],
+    "GRADWATCH_MAX_PARAMS": ["1", "20"],
+    "GRADWATCH_MAX_GROUPS": ["2", "100000"],
+    "GRADWATCH_VANISHING_THRESHOLD": ["0", "1e-9", ".5"],
+    "GRADWATCH_EXPLODING_THRESHOLD": ["1e4", "0.001"],
+    "GRADWATCH_UPDATE_EVERY": ["0", "7"],
+    "GRADWATCH_MICRO_BATCH_SIZE": ["1", "8"],
+    "GRADWATCH_LOSS_ACCUMULATION": [" Sum", "mean"],
+    "GRADWATCH_NOISE_EMA": ["0", "0.99"],
+    "GRADWATCH_BACKEND": ["TORCH", "native"],
+    "GRADWATCH_DISTRIBUTED": ["Off", "auto"],
+    "GRADWATCH_PER_PARAM_RANKS": ["all", "3, 0,3"],
+    "GRADWATCH_FILE_SD": ["/tmp/gradwatch.json"],
+    "OTEL_METRICS_EXPORTER": ["otlp, prometheus", "none"],
+    "GRADWATCH": ["1", " Yes ", "off"],
+    "LOCAL_RANK": ["0", "3"],
+    "RANK": ["11"],
+    "WORLD_SIZE": ["16"],
+}
+
+
+def _env_value(name: str, text: str) -> object:
+    try:  # port 0: no PORT + LOCAL_RANK limit
+        return getattr(from_env({"GRADWATCH_PORT": "0", FIELDS[name].var: text}), name)
+    except SettingError:
+        return "refused"
+
+
+def _watch_value(name: str, text: str) -> object:
+    try:
+        return getattr(Config(port=0).with_overrides(**{name: text}), name)
+    except SettingError:
+        return "refused"
+
+
+@pytest.mark.parametrize("name", [s.name for s in KEYWORDS])
+def test_environment_and_watch_read_every_text_alike(name):
+    """Each watch() keyword given as text is read like its variable: same value, or refused by
+    both (one parser per row of the table)."""
+    good, bad = GOOD.get(FIELDS[name].var, []), BAD.get(FIELDS[name].var, [])
+    for text in good + bad:
+        assert _env_value(name, text) == _watch_value(name, text), (name, text)
+    assert all(_env_value(name, text) != "refused" for text in good), name
+
+
+def test_watch_docstring_example_runs(monkeypatch, capsys):
+    """The example in watch()'s docstring is real code: it runs and prints step 3's norm."""
+    import os
+    import textwrap
+
+    import gradwatch
+
+    for k in list(os.environ):
+        if k.startswith(("GRADWATCH", "OTEL_")):
+            monkeypatch.delenv(k)
+    doc = gradwatch.watch.__doc__
+    block = doc.split("Example::\n", 1)[1].split("\n    Settings:", 1)[0]
+    exec(compile(textwrap.dedent(block), "watch-example", "exec"), {})
+    step, norm = capsys.readouterr().out.split()
+    assert step == "3" and float(norm) > 0

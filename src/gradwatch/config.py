@@ -1,5 +1,9 @@
 """Settings: every environment variable gradwatch reads, parsed in one place.
 
+Each setting is declared once, as a field of :class:`Config` made by :func:`setting`: its type,
+default, variable, parser and README row. The environment's parsing, ``watch()``'s arguments and
+their check, README's settings table and ``watch()``'s docstring are all read from that table.
+
 A bad value raises :class:`SettingError`, whose message is one line naming the variable, the value
 and what is accepted. Callers on the training path turn it into one line on stderr and switch
 telemetry off; it never reaches the training loop.
@@ -16,8 +20,10 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -61,240 +67,6 @@ class TLSError(OSError):
     def __init__(self, name: str, value: object, accepted: str, problem: str) -> None:
         self.name, self.value, self.accepted, self.problem = name, value, accepted, problem
         super().__init__(_message(name, value, accepted, problem))
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Documentation row for one environment variable (README's settings table is made from it)."""
-
-    name: str
-    default: str
-    accepted: str
-    meaning: str
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "GRADWATCH",
-        "unset",
-        "1/true/yes/on, 0/false/no/off",
-        "1 turns on no-code mode (every optimizer is watched); 0 turns every form off,"
-        " `watch()` included.",
-    ),
-    Setting(
-        "GRADWATCH_PORT",
-        str(DEFAULT_PORT),
-        "integer 1-65535 (0: any free port)",
-        "Port of `/metrics`; under torchrun each rank uses PORT + LOCAL_RANK.",
-    ),
-    Setting(
-        "GRADWATCH_HOST",
-        "127.0.0.1",
-        "an IPv4 or IPv6 address, or a host name",
-        "Interface `/metrics` binds to. `0.0.0.0` or `::` exposes it to the network (a warning is"
-        " logged); an IPv6 address (`::1`) is served over IPv6. Numeric spellings that are not a"
-        " plain address (`0`, `0x0`, `127.1`, `0.0.0.00`) are refused: the system reads `0` as"
-        " 0.0.0.0.",
-    ),
-    Setting(
-        "GRADWATCH_EVERY",
-        "1",
-        "integer from 1 to 10^9",
-        "Collect every N-th optimizer step (steps 1, N+1, 2N+1, ...).",
-    ),
-    Setting(
-        "GRADWATCH_GROUPS",
-        "optimizer param groups",
-        "`name=prefix[|prefix...]` pairs separated by commas, e.g. `host=host.,seed=seed.`",
-        "Groups of `grad_group_*` by parameter-name prefix; params matching no prefix go to"
-        " group `other`.",
-    ),
-    Setting(
-        "GRADWATCH_PER_PARAM",
-        "0",
-        "1/true/yes/on, 0/false/no/off",
-        "Export the `grad_param_*` series, one per parameter tensor.",
-    ),
-    Setting(
-        "GRADWATCH_MAX_PARAMS",
-        "500",
-        "integer from 1 to 10^6",
-        "Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
-    ),
-    Setting(
-        "GRADWATCH_MAX_GROUPS",
-        "100",
-        "integer from 2 to 10^5",
-        "Cap on `grad_group_*` groups; groups past it are merged into group `_overflow`, with a"
-        " warning.",
-    ),
-    Setting(
-        "GRADWATCH_VANISHING_THRESHOLD",
-        "1e-07",
-        "finite number >= 0",
-        "A tensor whose gradient L2 norm is below this counts in `grad_tensors_vanishing`.",
-    ),
-    Setting(
-        "GRADWATCH_EXPLODING_THRESHOLD",
-        "100",
-        "finite number > 0",
-        "A tensor whose gradient L2 norm is above this counts in `grad_tensors_exploding`.",
-    ),
-    Setting(
-        "GRADWATCH_UPDATE_EVERY",
-        "0",
-        "integer from 0 to 10^9 (0: off)",
-        "Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
-        " `update_*` and `param_*` statistics. Opt-in because it costs one fp32 copy of the"
-        " parameters with gradients, held from the step's pre-hook to its post-hook (28 GB for"
-        " 7B parameters on one device): size it before turning it on.",
-    ),
-    Setting(
-        "GRADWATCH_MICRO_BATCH_SIZE",
-        "unset (off)",
-        "integer from 1 to 10^9",
-        "Samples per micro-batch under gradient accumulation: turns on the gradient noise scale"
-        " (`grad_noise_*`). gradwatch counts the backward passes between two optimizer steps"
-        " (k) and reads the first one's gradient (B_small = this size) against the step's"
-        " accumulated gradient (B_big = k x this size); steps with k = 1 add nothing. Costs one"
-        " extra reduction over the gradients per collected step, at the end of the window's"
-        " first backward. Single-process data only (see README, Gradient noise scale).",
-    ),
-    Setting(
-        "GRADWATCH_LOSS_ACCUMULATION",
-        "mean",
-        "mean, sum",
-        "How the loop accumulates micro-batch losses: mean, each micro-batch loss divided by"
-        " the number of micro-batches (`loss / accum_steps`, the accumulated .grad is the"
-        " window's mean gradient); sum, losses not divided (.grad is the sum of the"
-        " micro-batch gradients).",
-    ),
-    Setting(
-        "GRADWATCH_NOISE_EMA",
-        "0.95",
-        "number from 0 to 1, 1 excluded",
-        "Decay of the exponential moving averages of the noise-scale estimates (0: the last"
-        " step's estimates alone).",
-    ),
-    Setting(
-        "GRADWATCH_BACKEND",
-        "auto",
-        "auto, native, torch, triton",
-        "Reduction backend: auto picks Triton on CUDA and the compiled C kernel on the CPU,"
-        " falling back to plain torch ops (on CUDA: device ops without host sync, ~10 launches"
-        " per tensor).",
-    ),
-    Setting(
-        "GRADWATCH_TLS_CERT",
-        "unset",
-        "path of a readable PEM certificate (chain) file, valid now",
-        "Serve `/metrics` over HTTPS with this certificate. Certificate, key and client CA are"
-        " loaded when the settings are read: a missing or unreadable file, an expired or not yet"
-        " valid certificate, a key that does not match it or is passphrase-protected (never"
-        " prompted for) is one line naming the variable, and telemetry is off.",
-    ),
-    Setting(
-        "GRADWATCH_TLS_KEY",
-        "unset (key inside the cert file)",
-        "path of a readable, unencrypted PEM private key file",
-        "Private key of the certificate; only with GRADWATCH_TLS_CERT.",
-    ),
-    Setting(
-        "GRADWATCH_TLS_CLIENT_CA",
-        "unset",
-        "path of a readable PEM CA file",
-        "Mutual TLS: only clients with a certificate signed by this CA may scrape; only with"
-        " GRADWATCH_TLS_CERT (without it the setting is refused, never served as plain HTTP).",
-    ),
-    Setting(
-        "GRADWATCH_DISTRIBUTED",
-        "auto",
-        "auto, off",
-        "auto: when torch.distributed is initialized with world size > 1 and some gradients are"
-        " DTensors (FSDP2, tensor parallel), each rank reduces its local shards and one small"
-        " all-reduce per collected step combines them into exact global statistics (identical on"
-        " every rank); plain-tensor gradients (DDP) are already identical on every rank and need"
-        " none. off: every rank reports its own local gradients. See docs/distributed.md.",
-    ),
-    Setting(
-        "GRADWATCH_PER_PARAM_RANKS",
-        "0",
-        "`all`, or comma-separated global ranks, e.g. `0` or `0,8,16`",
-        "Ranks that export the `grad_param_*` series when GRADWATCH_PER_PARAM=1 (combined"
-        " statistics are identical on every rank, so one rank is enough).",
-    ),
-    Setting(
-        "GRADWATCH_FILE_SD",
-        "unset",
-        "a file path",
-        "Rank 0 writes a Prometheus `file_sd` target file there listing every rank's /metrics"
-        " host:port with `rank` labels (gathered from all ranks at the first step; every rank"
-        " must see the same setting).",
-    ),
-    Setting(
-        "OTEL_METRICS_EXPORTER",
-        "prometheus",
-        "comma-separated: prometheus, otlp, none",
-        "prometheus: the pull endpoint /metrics; otlp: push the same metrics over OTLP/HTTP"
-        " (`pip install gradwatch[otlp]`; configured by the standard OTEL_EXPORTER_OTLP_* and"
-        " OTEL_METRIC_EXPORT_INTERVAL variables); `otlp` alone turns the endpoint off, use"
-        " `otlp,prometheus` for both.",
-    ),
-)
-
-
-@dataclass(frozen=True)
-class Config:
-    """Resolved settings for one process."""
-
-    enabled: bool | None = None  # None: GRADWATCH unset
-    port: int = DEFAULT_PORT
-    host: str = "127.0.0.1"
-    every: int = 1
-    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    per_param: bool = False
-    max_params: int = 500
-    max_groups: int = 100
-    vanishing_threshold: float = 1e-7
-    exploding_threshold: float = 1e2
-    backend: str = "auto"
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    distributed: str = "auto"
-    per_param_ranks: tuple[int, ...] | None = (0,)  # None: all ranks
-    file_sd: str | None = None
-    exporters: tuple[str, ...] = ("prometheus",)
-    update_every: int = 0  # opt-in: a sampled step holds an fp32 copy of the params
-    micro_batch_size: int | None = None  # None: gradient noise scale off
-    loss_accumulation: str = "mean"
-    noise_ema: float = 0.95
-    local_rank: int = 0
-    rank: int = 0
-    world_size: int = 1
-
-    def with_overrides(self, **kw: object) -> Config:
-        """Apply explicit `watch()` arguments (None means: keep the env/default value).
-
-        Each argument goes through the same parser, with the same bounds, as its environment
-        variable (a string argument is read exactly like the variable's text); then the merged
-        settings get the same combination and TLS checks as :func:`from_env`."""
-        unknown = [k for k in kw if k not in FIELDS]
-        if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-        parsed = {k: FIELDS[k].parse(k, v) for k, v in kw.items() if v is not None}
-        return validate(replace(self, **parsed))  # type: ignore[arg-type]
-
-    @property
-    def per_param_here(self) -> bool:
-        """GRADWATCH_PER_PARAM is on and this rank is one of GRADWATCH_PER_PARAM_RANKS."""
-        ranks = self.per_param_ranks
-        return self.per_param and (ranks is None or self.rank in ranks)
-
-    @property
-    def serve_port(self) -> int:
-        """Port this process serves on: one endpoint per local rank."""
-        return 0 if self.port == 0 else self.port + self.local_rank
 
 
 # ---- values: one parser per kind, for environment text and watch() arguments alike ----------
@@ -550,7 +322,7 @@ def parse_exporters(name: str, raw: str) -> tuple[str, ...]:
     return tuple(x for x in dict.fromkeys(items) if x != "none")
 
 
-# ---- fields: each Config field, its variable, and the one parser both paths use ---------------
+# ---- parsers: one per setting, for environment text and watch() arguments alike --------------
 
 Parser = Callable[[str, object], object]  # (name shown in messages, text or Python value)
 
@@ -616,57 +388,350 @@ def _check_exporters(name: str, value: object) -> tuple[str, ...]:
     return parse_exporters(name, ",".join(items) if items else "none")
 
 
+# ---- the settings table: every setting declared once, as a Config field ---------------------
+
+# What watch() takes for a setting besides its variable's text (a str is parsed exactly like the
+# variable). watch()'s signature spells the same types; a test holds the two together.
+PathArg = str | os.PathLike[str]
+GroupsArg = str | Mapping[str, str | Iterable[str]] | Iterable[tuple[str, str | Iterable[str]]]
+RanksArg = str | Iterable[int]
+ExportersArg = str | Sequence[str] | AbstractSet[str]
+
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
-class Field:
+class Setting:
+    """One row of the settings table: a :class:`Config` field, the variable it is read from, its
+    one parser, and how README and ``watch()``'s docstring describe it."""
+
+    name: str  # the Config field, and watch()'s keyword when it is one
     var: str  # the environment variable
     parse: Parser
+    default: object  # the field's typed default
+    shown_default: str  # the default as README shows it
+    accepted: str  # README's accepted values ("" for launcher variables)
+    meaning: str
+    argument: object  # watch()'s annotation for the keyword (None, "keep", added)
+    launcher: bool  # set by torchrun and the like: no README row, set but empty means unset
 
 
-FIELDS: dict[str, Field] = {
-    "enabled": Field("GRADWATCH", _text_or("", parse_bool, _check_bool)),
-    "port": Field("GRADWATCH_PORT", _int_field(0, 65535)),
-    "host": Field("GRADWATCH_HOST", _text_or(_HOST_ACCEPTED, parse_host)),
-    "every": Field("GRADWATCH_EVERY", _int_field(1, 10**9)),
-    "groups": Field("GRADWATCH_GROUPS", lambda n, v: normalize_groups(v, n)),
-    "per_param": Field("GRADWATCH_PER_PARAM", _text_or("", parse_bool, _check_bool)),
-    "max_params": Field("GRADWATCH_MAX_PARAMS", _int_field(1, 10**6)),
-    "max_groups": Field("GRADWATCH_MAX_GROUPS", _int_field(2, 10**5)),
-    "vanishing_threshold": Field("GRADWATCH_VANISHING_THRESHOLD", _float_field(0.0, True)),
-    "exploding_threshold": Field("GRADWATCH_EXPLODING_THRESHOLD", _float_field(0.0, False)),
-    "backend": Field("GRADWATCH_BACKEND", _choice_field(BACKENDS)),
-    "tls_cert": Field("GRADWATCH_TLS_CERT", _text_or(_FILE_ACCEPTED, parse_file)),
-    "tls_key": Field("GRADWATCH_TLS_KEY", _text_or(_FILE_ACCEPTED, parse_file)),
-    "tls_client_ca": Field("GRADWATCH_TLS_CLIENT_CA", _text_or(_FILE_ACCEPTED, parse_file)),
-    "distributed": Field("GRADWATCH_DISTRIBUTED", _choice_field(DISTRIBUTED_MODES)),
-    "per_param_ranks": Field(
-        "GRADWATCH_PER_PARAM_RANKS", _text_or(_RANKS_ACCEPTED, parse_rank_list, _check_ranks)
-    ),
-    "file_sd": Field("GRADWATCH_FILE_SD", _text_or("a file path", parse_path)),
-    "exporters": Field("OTEL_METRICS_EXPORTER", _text_or("", parse_exporters, _check_exporters)),
-    "update_every": Field("GRADWATCH_UPDATE_EVERY", _int_field(0, 10**9)),
-    "micro_batch_size": Field("GRADWATCH_MICRO_BATCH_SIZE", _int_field(1, 10**9)),
-    "loss_accumulation": Field("GRADWATCH_LOSS_ACCUMULATION", _choice_field(LOSS_ACCUMULATIONS)),
-    "noise_ema": Field("GRADWATCH_NOISE_EMA", _float_field(0.0, True, 1.0)),
-    "local_rank": Field("LOCAL_RANK", _int_field(0, MAX_RANK)),
-    "rank": Field("RANK", _int_field(0, MAX_RANK)),
-    "world_size": Field("WORLD_SIZE", _int_field(1, MAX_RANK + 1)),
-}
-assert set(FIELDS) == {f.name for f in fields(Config)}
+def setting(
+    default: _T,
+    var: str,
+    parse: Parser,
+    *,
+    accepted: str = "",
+    meaning: str = "",
+    shown_default: str | None = None,
+    argument: object,
+    launcher: bool = False,
+) -> _T:
+    """A Config field with its settings-table row in the field's metadata (see :data:`TABLE`).
+    Typed as the default so that a type checker reads ``port: int = setting(9464, ...)`` as a
+    plain int field with a default."""
+    row = {
+        "var": var,
+        "parse": parse,
+        "shown_default": str(default) if shown_default is None else shown_default,
+        "accepted": accepted,
+        "meaning": meaning,
+        "argument": argument,
+        "launcher": launcher,
+    }
+    return field(default=default, metadata={"setting": row})
 
-_LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE")  # set but empty: the default
+
+_BOOL_ACCEPTED = "1/true/yes/on, 0/false/no/off"
+_BOOL = _text_or("", parse_bool, _check_bool)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings for one process, and the settings table: each field is one setting (its
+    variable, parser, README row and ``watch()`` keyword), in README's order."""
+
+    enabled: bool | None = setting(  # None: GRADWATCH unset
+        None,
+        "GRADWATCH",
+        _BOOL,
+        shown_default="unset",
+        accepted=_BOOL_ACCEPTED,
+        meaning="1 turns on no-code mode (every optimizer is watched); 0 turns every form off,"
+        " `watch()` included.",
+        argument=bool | str,
+    )
+    port: int = setting(
+        DEFAULT_PORT,
+        "GRADWATCH_PORT",
+        _int_field(0, 65535),
+        accepted="integer 1-65535 (0: any free port)",
+        meaning="Port of `/metrics`; under torchrun each rank uses PORT + LOCAL_RANK.",
+        argument=int | str,
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "GRADWATCH_HOST",
+        _text_or(_HOST_ACCEPTED, parse_host),
+        accepted="an IPv4 or IPv6 address, or a host name",
+        meaning="Interface `/metrics` binds to. `0.0.0.0` or `::` exposes it to the network (a"
+        " warning is logged); an IPv6 address (`::1`) is served over IPv6. Numeric spellings that"
+        " are not a plain address (`0`, `0x0`, `127.1`, `0.0.0.00`) are refused: the system reads"
+        " `0` as 0.0.0.0.",
+        argument=str,
+    )
+    every: int = setting(
+        1,
+        "GRADWATCH_EVERY",
+        _int_field(1, 10**9),
+        accepted="integer from 1 to 10^9",
+        meaning="Collect every N-th optimizer step (steps 1, N+1, 2N+1, ...).",
+        argument=int | str,
+    )
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        "GRADWATCH_GROUPS",
+        lambda n, v: normalize_groups(v, n),
+        shown_default="optimizer param groups",
+        accepted="`name=prefix[|prefix...]` pairs separated by commas, e.g."
+        " `host=host.,seed=seed.`",
+        meaning="Groups of `grad_group_*` by parameter-name prefix; params matching no prefix go"
+        " to group `other`.",
+        argument=GroupsArg,
+    )
+    per_param: bool = setting(
+        False,
+        "GRADWATCH_PER_PARAM",
+        _BOOL,
+        shown_default="0",
+        accepted=_BOOL_ACCEPTED,
+        meaning="Export the `grad_param_*` series, one per parameter tensor.",
+        argument=bool | str,
+    )
+    max_params: int = setting(
+        500,
+        "GRADWATCH_MAX_PARAMS",
+        _int_field(1, 10**6),
+        accepted="integer from 1 to 10^6",
+        meaning="Cap on parameters with `grad_param_*` series; a warning is logged when it bites.",
+        argument=int | str,
+    )
+    max_groups: int = setting(
+        100,
+        "GRADWATCH_MAX_GROUPS",
+        _int_field(2, 10**5),
+        accepted="integer from 2 to 10^5",
+        meaning="Cap on `grad_group_*` groups; groups past it are merged into group `_overflow`,"
+        " with a warning.",
+        argument=int | str,
+    )
+    vanishing_threshold: float = setting(
+        1e-7,
+        "GRADWATCH_VANISHING_THRESHOLD",
+        _float_field(0.0, True),
+        accepted="finite number >= 0",
+        meaning="A tensor whose gradient L2 norm is below this counts in `grad_tensors_vanishing`.",
+        argument=float | str,
+    )
+    exploding_threshold: float = setting(
+        1e2,
+        "GRADWATCH_EXPLODING_THRESHOLD",
+        _float_field(0.0, False),
+        shown_default="100",
+        accepted="finite number > 0",
+        meaning="A tensor whose gradient L2 norm is above this counts in `grad_tensors_exploding`.",
+        argument=float | str,
+    )
+    update_every: int = setting(  # opt-in: a sampled step holds an fp32 copy of the params
+        0,
+        "GRADWATCH_UPDATE_EVERY",
+        _int_field(0, 10**9),
+        accepted="integer from 0 to 10^9 (0: off)",
+        meaning="Sample the parameter update every N-th optimizer step (steps 1, N+1, ...):"
+        " `update_*` and `param_*` statistics. Opt-in because it costs one fp32 copy of the"
+        " parameters with gradients, held from the step's pre-hook to its post-hook (28 GB for"
+        " 7B parameters on one device): size it before turning it on.",
+        argument=int | str,
+    )
+    micro_batch_size: int | None = setting(  # None: gradient noise scale off
+        None,
+        "GRADWATCH_MICRO_BATCH_SIZE",
+        _int_field(1, 10**9),
+        shown_default="unset (off)",
+        accepted="integer from 1 to 10^9",
+        meaning="Samples per micro-batch under gradient accumulation: turns on the gradient noise"
+        " scale (`grad_noise_*`). gradwatch counts the backward passes between two optimizer"
+        " steps (k) and reads the first one's gradient (B_small = this size) against the step's"
+        " accumulated gradient (B_big = k x this size); steps with k = 1 add nothing. Costs one"
+        " extra reduction over the gradients per collected step, at the end of the window's"
+        " first backward. Single-process data only (see README, Gradient noise scale).",
+        argument=int | str,
+    )
+    loss_accumulation: str = setting(
+        "mean",
+        "GRADWATCH_LOSS_ACCUMULATION",
+        _choice_field(LOSS_ACCUMULATIONS),
+        accepted=", ".join(LOSS_ACCUMULATIONS),
+        meaning="How the loop accumulates micro-batch losses: mean, each micro-batch loss divided"
+        " by the number of micro-batches (`loss / accum_steps`, the accumulated .grad is the"
+        " window's mean gradient); sum, losses not divided (.grad is the sum of the micro-batch"
+        " gradients).",
+        argument=str,
+    )
+    noise_ema: float = setting(
+        0.95,
+        "GRADWATCH_NOISE_EMA",
+        _float_field(0.0, True, 1.0),
+        accepted="number from 0 to 1, 1 excluded",
+        meaning="Decay of the exponential moving averages of the noise-scale estimates (0: the"
+        " last step's estimates alone).",
+        argument=float | str,
+    )
+    backend: str = setting(
+        "auto",
+        "GRADWATCH_BACKEND",
+        _choice_field(BACKENDS),
+        accepted=", ".join(BACKENDS),
+        meaning="Reduction backend: auto picks Triton on CUDA and the compiled C kernel on the"
+        " CPU, falling back to plain torch ops (on CUDA: device ops without host sync, ~10"
+        " launches per tensor).",
+        argument=str,
+    )
+    tls_cert: str = setting(
+        "",
+        "GRADWATCH_TLS_CERT",
+        _text_or(_FILE_ACCEPTED, parse_file),
+        shown_default="unset",
+        accepted="path of a readable PEM certificate (chain) file, valid now",
+        meaning="Serve `/metrics` over HTTPS with this certificate. Certificate, key and client CA"
+        " are loaded when the settings are read: a missing or unreadable file, an expired or not"
+        " yet valid certificate, a key that does not match it or is passphrase-protected (never"
+        " prompted for) is one line naming the variable, and telemetry is off.",
+        argument=PathArg,
+    )
+    tls_key: str = setting(
+        "",
+        "GRADWATCH_TLS_KEY",
+        _text_or(_FILE_ACCEPTED, parse_file),
+        shown_default="unset (key inside the cert file)",
+        accepted="path of a readable, unencrypted PEM private key file",
+        meaning="Private key of the certificate; only with GRADWATCH_TLS_CERT.",
+        argument=PathArg,
+    )
+    tls_client_ca: str = setting(
+        "",
+        "GRADWATCH_TLS_CLIENT_CA",
+        _text_or(_FILE_ACCEPTED, parse_file),
+        shown_default="unset",
+        accepted="path of a readable PEM CA file",
+        meaning="Mutual TLS: only clients with a certificate signed by this CA may scrape; only"
+        " with GRADWATCH_TLS_CERT (without it the setting is refused, never served as plain"
+        " HTTP).",
+        argument=PathArg,
+    )
+    distributed: str = setting(
+        "auto",
+        "GRADWATCH_DISTRIBUTED",
+        _choice_field(DISTRIBUTED_MODES),
+        accepted=", ".join(DISTRIBUTED_MODES),
+        meaning="auto: when torch.distributed is initialized with world size > 1 and some"
+        " gradients are DTensors (FSDP2, tensor parallel), each rank reduces its local shards and"
+        " one small all-reduce per collected step combines them into exact global statistics"
+        " (identical on every rank); plain-tensor gradients (DDP) are already identical on every"
+        " rank and need none. off: every rank reports its own local gradients. See"
+        " docs/distributed.md.",
+        argument=str,
+    )
+    per_param_ranks: tuple[int, ...] | None = setting(  # None: all ranks
+        (0,),
+        "GRADWATCH_PER_PARAM_RANKS",
+        _text_or(_RANKS_ACCEPTED, parse_rank_list, _check_ranks),
+        shown_default="0",
+        accepted="`all`, or comma-separated global ranks, e.g. `0` or `0,8,16`",
+        meaning="Ranks that export the `grad_param_*` series when GRADWATCH_PER_PARAM=1 (combined"
+        " statistics are identical on every rank, so one rank is enough).",
+        argument=RanksArg,
+    )
+    file_sd: str | None = setting(
+        None,
+        "GRADWATCH_FILE_SD",
+        _text_or("a file path", parse_path),
+        shown_default="unset",
+        accepted="a file path",
+        meaning="Rank 0 writes a Prometheus `file_sd` target file there listing every rank's"
+        " /metrics host:port with `rank` labels (gathered from all ranks at the first step; every"
+        " rank must see the same setting).",
+        argument=PathArg,
+    )
+    exporters: tuple[str, ...] = setting(
+        ("prometheus",),
+        "OTEL_METRICS_EXPORTER",
+        _text_or("", parse_exporters, _check_exporters),
+        shown_default="prometheus",
+        accepted="comma-separated: " + ", ".join(METRICS_EXPORTERS),
+        meaning="prometheus: the pull endpoint /metrics; otlp: push the same metrics over"
+        " OTLP/HTTP (`pip install gradwatch[otlp]`; configured by the standard"
+        " OTEL_EXPORTER_OTLP_* and OTEL_METRIC_EXPORT_INTERVAL variables); `otlp` alone turns the"
+        " endpoint off, use `otlp,prometheus` for both.",
+        argument=ExportersArg,
+    )
+    local_rank: int = setting(
+        0, "LOCAL_RANK", _int_field(0, MAX_RANK), argument=int | str, launcher=True
+    )
+    rank: int = setting(0, "RANK", _int_field(0, MAX_RANK), argument=int | str, launcher=True)
+    world_size: int = setting(
+        1, "WORLD_SIZE", _int_field(1, MAX_RANK + 1), argument=int | str, launcher=True
+    )
+
+    def with_overrides(self, **kw: object) -> Config:
+        """Apply explicit `watch()` arguments (None means: keep the env/default value).
+
+        Each argument goes through the same parser, with the same bounds, as its environment
+        variable (a string argument is read exactly like the variable's text); then the merged
+        settings get the same combination and TLS checks as :func:`from_env`."""
+        unknown = [k for k in kw if k not in FIELDS]
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        parsed = {k: FIELDS[k].parse(k, v) for k, v in kw.items() if v is not None}
+        return validate(replace(self, **parsed))  # type: ignore[arg-type]
+
+    @property
+    def per_param_here(self) -> bool:
+        """GRADWATCH_PER_PARAM is on and this rank is one of GRADWATCH_PER_PARAM_RANKS."""
+        ranks = self.per_param_ranks
+        return self.per_param and (ranks is None or self.rank in ranks)
+
+    @property
+    def serve_port(self) -> int:
+        """Port this process serves on: one endpoint per local rank."""
+        return 0 if self.port == 0 else self.port + self.local_rank
+
+
+TABLE: tuple[Setting, ...] = tuple(
+    Setting(name=f.name, default=f.default, **f.metadata["setting"]) for f in fields(Config)
+)
+FIELDS: dict[str, Setting] = {s.name: s for s in TABLE}  # field name -> its row
+SETTINGS: tuple[Setting, ...] = tuple(s for s in TABLE if not s.launcher)  # README's rows
+# watch() takes every setting as a keyword: first the documented ones, in README's order, then
+# the stand-ins for GRADWATCH (whose meaning is no-code mode's) and the launcher variables.
+ARGUMENTS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.name != "enabled")
+KEYWORDS: tuple[Setting, ...] = ARGUMENTS + tuple(s for s in TABLE if s not in ARGUMENTS)
 
 
 def arguments_doc() -> str:
     """The keyword arguments of :func:`gradwatch.watch`, one paragraph each, made from the same
     table as the README's settings table (``watch()``'s docstring carries it)."""
-    rows = {s.name: s for s in SETTINGS}
     out = []
-    for arg, field in FIELDS.items():
-        row = rows.get(field.var)
-        if row is None or arg == "enabled":
-            continue  # launcher variables (RANK, ...) and the on/off switch are not arguments
-        meaning = row.meaning.replace("`", "")
-        out.append(f"    ``{arg}`` ({field.var}; default {row.default}): {row.accepted}. {meaning}")
+    for s in ARGUMENTS:
+        meaning = s.meaning.replace("`", "")
+        out.append(
+            f"    ``{s.name}`` ({s.var}; default {s.shown_default}): {s.accepted}. {meaning}"
+        )
+    names = ", ".join(f"``{s.name}`` ({s.var})" for s in KEYWORDS[len(ARGUMENTS) :])
+    out.append(
+        f"    {names}: read like their variables and in their place, for tests and launchers"
+        " that set none (``enabled=False``: telemetry off)."
+    )
     return "\n".join(out)
 
 
@@ -790,11 +855,11 @@ def read_env(env: Mapping[str, str] | None = None) -> Config:
     """Every variable parsed on its own (no combination checks: see :func:`from_env`)."""
     env = os.environ if env is None else env
     kw: dict[str, object] = {}
-    for field_name, field in FIELDS.items():
-        raw = env.get(field.var)
-        if raw is None or (raw == "" and field.var in _LAUNCHER_VARS):
+    for s in TABLE:
+        raw = env.get(s.var)
+        if raw is None or (raw == "" and s.launcher):
             continue
-        kw[field_name] = field.parse(field.var, raw)
+        kw[s.name] = s.parse(s.var, raw)
     return Config(**kw)  # type: ignore[arg-type]
 
 
@@ -807,5 +872,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
 def settings_markdown() -> str:
     """README's settings table, generated from SETTINGS."""
     rows = ["| variable | default | accepted values | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{s.name}` | `{s.default}` | {s.accepted} | {s.meaning} |" for s in SETTINGS]
+    rows += [f"| `{s.var}` | `{s.shown_default}` | {s.accepted} | {s.meaning} |" for s in SETTINGS]
     return "\n".join(rows) + "\n"

@@ -594,7 +594,9 @@ def _report_setting_error(exc: SettingError) -> None:
     print(f"{exc}; gradwatch telemetry is off, training goes on", file=sys.stderr)
 
 
-def watch(model=None, optimizer=None, **settings) -> Handle:
+def watch(model: object = None, optimizer: object = None, **settings: object) -> Handle:
+    """:func:`gradwatch.watch` (typed and documented there): ``settings`` are the arguments it
+    was given, checked against the settings table by :meth:`Config.with_overrides`."""
     with _module_lock:
         return _watch(model, optimizer, **settings)
 
@@ -608,7 +610,7 @@ def _as_list(obj) -> list:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
-def _watch(model, optimizer, **settings) -> Handle:
+def _watch(model: object, optimizer: object, **settings: object) -> Handle:
     global _SESSION
     try:
         # One path for both sources: each argument is parsed like its variable, then the merged
