@@ -273,7 +273,7 @@ def test_sampled_parameter_update_bf16(device):
 
         warm_up_then_check(step, device)  # steps 1, 4 and 7 are sampled
         samples, watch = settle(h, device)
-        assert watch._update_pending is None  # the snapshot was freed after the step
+        assert watch.updates.pending is None  # the snapshot was freed after the step
     check_clean(watch, device)
     s = int(value(samples, "update_stats_step"))
     assert s == 7 or (s == 4 and watch.dropped_steps)

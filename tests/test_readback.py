@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradwatch.collector import RING_SLOTS, ErrorLog, OptimizerWatch, UpdateResult
+from gradwatch.collector import RING_SLOTS, ErrorLog, OptimizerWatch
 from gradwatch.config import from_env
 from gradwatch.readback import Packet
 from gradwatch.records import DeviceValue, Layout, LoopValues
+from gradwatch.updates import UpdateResult
 
 
 class _Event:
@@ -115,9 +116,9 @@ def test_sampled_update_goes_through_the_same_readback(emulated_cuda):
     rows = torch.zeros(4, 6, dtype=torch.float64)
     rows[:2, 0] = torch.tensor([1.0, 4.0])  # update sums of squares
     rows[2:, 0] = torch.tensor([9.0, 16.0])  # parameter sums of squares
-    watch._update_results.push([rows], UpdateResult(5, layout), torch.device("cpu"))
+    watch.updates.results.push([rows], UpdateResult(5, layout), torch.device("cpu"))
     watch.poll()
-    u = watch.latest_update
+    u = watch.updates.latest
     assert u.step == 5
     np.testing.assert_array_equal(u.delta[:, 0], [1.0, 4.0])
     np.testing.assert_array_equal(u.param[:, 0], [9.0, 16.0])

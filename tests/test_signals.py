@@ -281,7 +281,7 @@ def test_sampled_parameter_update(dtype):
                 d / p, rel=1e-12
             )
         watch = h.session.watches()[0]
-        assert watch._update_pending is None  # the snapshot was freed after the step
+        assert watch.updates.pending is None  # the snapshot was freed after the step
     assert b4 and a4
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import catalog, distributed
+from . import catalog, distributed, updates
 from .config import Config
 from .kernels import MAXABS, N_PARTIALS, SUMABS, SUMSQ
 from .kernels.dispatch import Backend, select_backend
@@ -44,6 +44,7 @@ from .records import (
     UpdateReadout,
     WatchSnapshot,
 )
+from .updates import UpdateSampler
 
 __all__ = [
     "NONFINITE_NAMES",
@@ -59,7 +60,6 @@ __all__ = [
 log = logging.getLogger("gradwatch")
 
 RING_SLOTS = 2  # gradient results in flight per watch before a new sample is dropped
-UPDATE_SLOTS = 1  # sampled updates in flight (each holds no more than its partials)
 INCIDENT_LOG_INTERVAL_S = 60.0  # at most one non-finite incident line per this many seconds
 PENDING_NORMS = 1 << 16  # per-step norms held between scrapes before they go to the histogram
 
@@ -74,12 +74,6 @@ class GradResult:
     loop: LoopValues  # host-known values
     device_slots: tuple[DeviceValue, ...]  # loop values that travel after the partials
     combined: bool  # this rank's uncombined partials travel last
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    step: int
-    layout: Layout
 
 
 class ErrorLog:
@@ -110,15 +104,10 @@ class ErrorLog:
             )
 
 
-def _fp32_copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """theta of each parameter in (at least) fp32, a copy; DTensor params (FSDP2): this rank's
-    shards, which the optimizer updates in place."""
-    local = distributed.local_view([p.detach() for p in params], "off").tensors
-    return [x.to(torch.promote_types(x.dtype, torch.float32), copy=True) for x in local]
-
-
 class OptimizerWatch:
     """Watches one optimizer: collects at its pre-step hook, publishes :class:`Readout` s."""
+
+    samples_updates = True  # GRADWATCH_UPDATE_EVERY applies (a stack's own watch may say no)
 
     def __init__(
         self,
@@ -136,7 +125,6 @@ class OptimizerWatch:
         self._backends: dict[torch.device, Backend] = {}
         self._streams = SideStreams()
         self._grad_results: Readback[GradResult] = Readback(RING_SLOTS)
-        self._update_results: Readback[UpdateResult] = Readback(UPDATE_SLOTS)
         self._lock = threading.Lock()  # counters and latest: held briefly
         self._publish_lock = threading.RLock()  # one publisher at a time, in step order
         self.steps = 0  # optimizer.step() calls seen
@@ -163,9 +151,7 @@ class OptimizerWatch:
         self._last_incident = -math.inf
         self._suppressed_incidents = 0
         # parameter updates, sampled every config.update_every steps
-        self._update_pending: tuple | None = None  # (step, layout, params, fp32 snapshots)
-        self._early_snaps: dict[int, torch.Tensor] | None = None  # see snapshot_before_closure
-        self.latest_update: UpdateReadout | None = None
+        self.updates = UpdateSampler(optimizer, self.listing, self._backend, self._count_dropped)
         # gradient noise scale (config.micro_batch_size): backward passes since the last step,
         # the sum of squares of the window's first micro-batch gradient (0-dim float64 tensor,
         # on the device: no host sync); the EMAs live in the estimator.
@@ -265,7 +251,7 @@ class OptimizerWatch:
         (see :meth:`note_amp_skipped`), the same on fused and non-fused paths."""
         self.steps += 1
         self.closure_pending = False  # a closure that raised last step never collected
-        self._early_snaps = None
+        self.updates.early = None
         try:
             self.poll()
         except Exception as exc:  # noqa: BLE001
@@ -290,41 +276,42 @@ class OptimizerWatch:
                 self.collect_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - telemetry never raises into training
             self.errors.record("collect", exc)
+        updates = self.updates
         try:
-            self._update_pending = None  # an earlier step whose post hook never ran
-            k = self.config.update_every
-            early = self._early_snaps is not None  # taken before the params could change
-            if (sample_update or early) and self._due(k):
-                self._snapshot_params()
+            updates.pending = None  # an earlier step whose post hook never ran
+            early = updates.early is not None  # taken before the params could change
+            wanted = self.samples_updates and (sample_update or early)
+            if wanted and self._due(self.config.update_every):
+                updates.snapshot(self.steps)
         except Exception as exc:  # noqa: BLE001
-            self._update_pending = None
+            updates.pending = None
             self.errors.record("collect", exc)
-        self._early_snaps = None
+        updates.early = None
 
     def snapshot_before_closure(self) -> None:
-        """Pre-step hook of a step with a closure that samples the update: theta_(t-1) of every
-        parameter of the optimizer, now. The step may move the weights before it calls the
-        closure (SAM perturbs them, then puts them back); which parameters have a gradient is
-        only known after the closure, when :meth:`_snapshot_params` picks theirs. Never raises."""
-        self._early_snaps = None
-        if not self._due(self.config.update_every):
+        """Pre-step hook of a step with a closure: theta_(t-1) now if the step samples the
+        update (see :meth:`UpdateSampler.snapshot_before_closure`). Never raises."""
+        self.updates.early = None
+        if not self.samples_updates or not self._due(self.config.update_every):
             return
         try:
-            params = [p for g in self.optimizer_ref.param_groups for p in g["params"]]
-            snaps = _fp32_copies(params)
-            self._early_snaps = {id(p): x for p, x in zip(params, snaps, strict=True)}
+            self.updates.snapshot_before_closure()
         except Exception as exc:  # noqa: BLE001
             self.errors.record("collect", exc)
 
     def on_step_post(self) -> None:
         """Post-step hook body: difference the sampled step's snapshot; never raises."""
-        pending, self._update_pending = self._update_pending, None
+        pending, self.updates.pending = self.updates.pending, None
         if pending is None:
             return
         try:
-            self._reduce_update(*pending)
+            self.updates.reduce(pending, self._publish_update)
         except Exception as exc:  # noqa: BLE001
             self.errors.record("collect", exc)
+
+    def _count_dropped(self) -> None:
+        with self._lock:
+            self.dropped_steps += 1
 
     def note_amp_skipped(self) -> None:
         """GradScaler skipped optimizer.step() (non-fused path): the hook never fired. The
@@ -453,59 +440,10 @@ class OptimizerWatch:
         # the reduction on the device; the host does not wait.
         main.wait_event(reduced)
 
-    # ---- parameter updates (sampled) ----
-    def _snapshot_params(self) -> None:
-        """Pre-step of a sampled step: copy theta_(t-1) in (at least) fp32; freed after the step."""
-        params, _, group_of = self.listing.params_with_grads()
-        if not params:
-            return
-        layout = self.listing.layout_for(params, group_of)
-        early = self._early_snaps
-        if early is not None:  # taken at the pre-step hook of a closure step
-            snaps = [early.get(id(p)) for p in params]
-            if any(x is None for x in snaps):
-                return  # a parameter that was not in the param groups then
-        else:
-            snaps = _fp32_copies(params)
-        self._update_pending = (self.steps, layout, params, snaps)
-
-    def _reduce_update(self, step, layout, params, snaps) -> None:
-        """Post-step: snaps <- theta_(t-1) - theta_t in place (fp32 or wider), then one reduction
-        over [deltas..., params...] with the float64-accumulating kernels. ``params`` are the
-        Parameters, read now: a step may have replaced their ``.data`` (SAM does)."""
-        params = distributed.local_view([p.detach() for p in params], "off").tensors
-        with torch.no_grad():
-            for s_, p in zip(snaps, params, strict=True):
-                s_.sub_(p.detach())
-        tensors = snaps + [p.detach() for p in params]
-        t = len(params)
-        devices = {x.device for x in tensors}
-        device = tensors[0].device
-        if len(devices) == 1 and device.type == "cuda":
-            if self._update_results.full():
-                with self._lock:
-                    self.dropped_steps += 1
-                return
-            # Main stream: the snapshots are freed after this launch, in stream order.
-            partials = self._backend(device).reduce(tensors)
-            self._update_results.push([partials], UpdateResult(step, layout), device)
-            return
-        parts = []
-        for d in sorted(devices, key=str):
-            idx = [i for i, x in enumerate(tensors) if x.device == d]
-            rows = self._backend(d).reduce([tensors[i] for i in idx]).to("cpu").numpy()
-            parts.append((idx, rows))
-        out = np.empty((2 * t, N_PARTIALS), dtype=np.float64)
-        for idx, rows in parts:
-            out[idx] = rows.reshape(-1, N_PARTIALS)
+    def _publish_update(self, readout: UpdateReadout) -> None:
         with self._publish_lock:
-            self._publish_update(step, layout, out)
-
-    def _publish_update(self, step, layout, rows: np.ndarray) -> None:
-        t = len(layout.names)
-        readout = UpdateReadout(step, layout, rows[:t].copy(), rows[t:].copy())
-        with self._lock:
-            self.latest_update = readout
+            with self._lock:
+                self.updates.latest = readout
 
     # ---- publishing: one thread at a time, in step order ----
     def poll(self) -> None:
@@ -542,10 +480,11 @@ class OptimizerWatch:
                 )
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("readout", exc)
-        while (ready := self._update_results.pop_ready()) is not None:
+        while (ready := self.updates.results.pop_ready()) is not None:
             update, parts = ready
             try:
-                self._publish_update(update.step, update.layout, parts[0].reshape(-1, N_PARTIALS))
+                rows = parts[0].reshape(-1, N_PARTIALS)
+                self._publish_update(updates.readout(update.step, update.layout, rows))
             except Exception as exc:  # noqa: BLE001
                 self.errors.record("readout", exc)
 
@@ -573,14 +512,14 @@ class OptimizerWatch:
                 self.preclip_nonfinite_steps,
                 max_norm,
                 norms,
-                self.latest_update,
+                self.updates.latest,
                 self.last_nonfinite,
             )
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (off the training path: at close) for in-flight results and publish them."""
         deadline = time.monotonic() + timeout
-        while (self._grad_results or self._update_results) and time.monotonic() < deadline:
+        while (self._grad_results or self.updates.results) and time.monotonic() < deadline:
             self.poll()
             time.sleep(0.001)
 

@@ -133,8 +133,7 @@ class ZeroWatch(OptimizerWatch):
             " no gradient noise scale"
         )
 
-    def _snapshot_params(self) -> None:
-        return None  # GRADWATCH_UPDATE_EVERY: DeepSpeed updates flat fp32 copies (not supported)
+    samples_updates = False  # GRADWATCH_UPDATE_EVERY: DeepSpeed updates flat fp32 copies
 
     # ---- the ZeRO step (see module docstring) ----
     def begin_zero_step(self) -> None:
