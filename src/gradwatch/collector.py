@@ -33,7 +33,7 @@ from .kernels import MAXABS, N_PARTIALS, SUMABS, SUMSQ
 from .kernels.dispatch import Backend, select_backend
 from .listing import GradientListing
 from .loop_values import ClipRecord, StepWindow, read_loop_values, with_host_values
-from .noise import NoiseEstimator
+from .noise import BackwardWindows, NoiseEstimator
 from .readback import Readback, SideStreams
 from .records import (
     NONFINITE_NAMES,
@@ -152,18 +152,10 @@ class OptimizerWatch:
         self._suppressed_incidents = 0
         # parameter updates, sampled every config.update_every steps
         self.updates = UpdateSampler(optimizer, self.listing, self._backend, self._count_dropped)
-        # gradient noise scale (config.micro_batch_size): backward passes since the last step,
-        # the sum of squares of the window's first micro-batch gradient (0-dim float64 tensor,
-        # on the device: no host sync); the EMAs live in the estimator.
-        self._grad_hooks: list = []
-        self._backward_queued = False
-        self._micro_batches = 0
-        self._small_sumsq: torch.Tensor | None = None
+        # gradient noise scale (config.micro_batch_size): the accumulation windows and EMAs
+        self._windows: BackwardWindows | None = None
         self._step_window: StepWindow | None = None
         self._noise: NoiseEstimator | None = None
-        # The watch (hence the hooks) starts at the first step, inside that step's window:
-        # the backward passes before it were not seen, so that window is not reported.
-        self._hooks_from_step = self.steps + 1
         if config.micro_batch_size is not None:
             if config.world_size > 1:  # B_big would need the ranks' samples: not done yet
                 log.warning(
@@ -171,51 +163,25 @@ class OptimizerWatch:
                     " gradient noise scale is computed for single-process training only",
                     config.world_size,
                 )
-            else:
+            elif self.supports_noise_scale():
                 self._noise = NoiseEstimator(
                     config.micro_batch_size, config.noise_ema, config.loss_accumulation
                 )
-                self._install_grad_hooks()
+                self._windows = BackwardWindows(
+                    optimizer,
+                    self.steps + 1,
+                    lambda: self._sumsq_now(),  # late-bound: tests replace the method
+                    lambda: self.steps % config.every == 0,
+                    errors,
+                )
 
-    def _install_grad_hooks(self) -> None:
-        """One post-accumulate-grad hook per parameter: the first to fire in a backward pass
-        queues :meth:`_on_backward_end` to run once at its end (the others return at once)."""
-        try:
-            for group in self.optimizer_ref.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        self._grad_hooks.append(
-                            p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
-                        )
-        except Exception as exc:  # noqa: BLE001
-            self.errors.record("collect", exc)
+    def supports_noise_scale(self) -> bool:
+        """GRADWATCH_MICRO_BATCH_SIZE applies (a stack's own watch may log why not)."""
+        return True
 
     def remove_hooks(self) -> None:
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks.clear()
-
-    def _on_grad_accumulated(self, _param: torch.Tensor) -> None:
-        if self._backward_queued:
-            return
-        try:
-            self._backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-        except Exception as exc:  # noqa: BLE001
-            self._backward_queued = False
-            self.errors.record("collect", exc)
-
-    def _on_backward_end(self) -> None:
-        """End of one backward pass: count it; after the window's first, keep |g_small|^2."""
-        self._backward_queued = False
-        try:
-            self._micro_batches += 1
-            # only in windows whose step will be collected (steps 1, every+1, ...)
-            if self._micro_batches == 1 and self.steps % self.config.every == 0:
-                self._small_sumsq = self._sumsq_now()
-        except Exception as exc:  # noqa: BLE001
-            self._small_sumsq = None
-            self.errors.record("collect", exc)
+        if self._windows is not None:
+            self._windows.remove()
 
     def _sumsq_now(self) -> torch.Tensor | None:
         """Sum of squares of the current gradients, float64, as a 0-dim tensor on their device
@@ -230,18 +196,6 @@ class OptimizerWatch:
         if len(sums) == 1:
             return sums[0]
         return torch.stack([x.to("cpu") for x in sums]).sum()  # several devices: rare, syncs
-
-    def _take_window(self) -> None:
-        """At a step: hand the window's (k, |g_small|^2) to this step's collection, reset."""
-        if self.config.micro_batch_size is None or not self._grad_hooks:
-            self._step_window = None
-            return
-        if self.steps > self._hooks_from_step:
-            self._step_window = StepWindow(self._micro_batches, self._small_sumsq)
-        else:  # e.g. a closure step: its own backward was counted, the window's earlier not
-            self._step_window = None
-        self._micro_batches, self._small_sumsq = 0, None
-        self._backward_queued = False  # a backward that raised never ran its callback
 
     # ---- training thread ----
     def begin_step(self) -> None:
@@ -265,7 +219,8 @@ class OptimizerWatch:
         """Second half: the gradients the step will apply are final. At the pre-step hook
         without a closure; after the closure's first call with one. Never raises."""
         try:
-            self._take_window()
+            windows = self._windows
+            self._step_window = None if windows is None else windows.take(self.steps)
         except Exception as exc:  # noqa: BLE001
             self._step_window = None
             self.errors.record("collect", exc)
@@ -323,7 +278,8 @@ class OptimizerWatch:
         """A step whose gradients were not applied (loss-scale overflow)."""
         with self._lock:
             self.amp_skipped_steps += 1
-        self._micro_batches, self._small_sumsq = 0, None  # the skipped step ends its window
+        if self._windows is not None:
+            self._windows.reset()  # the skipped step ends its window
 
     def _backend(self, device: torch.device) -> Backend:
         backend = self._backends.get(device)

@@ -127,11 +127,12 @@ def inner_optimizers(zero) -> list[torch.optim.Optimizer]:
 class ZeroWatch(OptimizerWatch):
     """Watches one DeepSpeed ZeRO optimizer; ``optimizer_ref`` is the ZeRO optimizer."""
 
-    def _install_grad_hooks(self) -> None:
+    def supports_noise_scale(self) -> bool:
         log.warning(
             "gradwatch: GRADWATCH_MICRO_BATCH_SIZE is not supported under DeepSpeed ZeRO:"
             " no gradient noise scale"
         )
+        return False
 
     samples_updates = False  # GRADWATCH_UPDATE_EVERY: DeepSpeed updates flat fp32 copies
 
