@@ -31,7 +31,7 @@ import torch
 from . import catalog, distributed
 from .catalog import Aggregate, Statistic, Thresholds
 from .config import Config
-from .kernels import INF, MAXABS, N_PARTIALS, NAN, SUMABS, SUMSQ, ZERO
+from .kernels import INF, MAXABS, N_PARTIALS, NAN, SUMABS, SUMSQ, ZERO, unscale
 from .kernels.dispatch import Backend, select_backend
 
 log = logging.getLogger("gradwatch")
@@ -970,9 +970,7 @@ class OptimizerWatch:
         scale = context.get("grad_scale")
         if scale is not None and scale != 1.0:
             # Fused optimizers under GradScaler see still-scaled grads; report unscaled values.
-            partials[:, SUMSQ] /= scale * scale
-            partials[:, SUMABS] /= scale
-            partials[:, MAXABS] /= scale
+            unscale(partials, scale)
         readout = Readout(step, layout, partials, numel, context, local)
         clipped = readout.clip_coefficient < 1.0
         preclip = context.get("preclip_norm")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import N_PARTIALS
+from .contract import DTYPE_CODES, DTYPES, ITEMSIZE, N_PARTIALS, check_inputs, constexprs
 
 try:  # triton is optional: callers check triton_available() before using this backend
     import triton
@@ -72,7 +72,7 @@ _CUDA_CONFIGS: dict[int, tuple[int, int, int]] = {
 }
 _INTERPRET_CONFIG: tuple[int, int, int] = (128, 2, 4)
 
-_ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+_ITEMSIZE = ITEMSIZE
 
 
 def _interpret_mode() -> bool:
@@ -140,6 +140,14 @@ def _partials_kernel(
     LEVELS: tl.constexpr,  # search rounds: FANOUT**LEVELS >= slots in this group
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
+    # the output columns, from kernels.contract (constexprs())
+    COL_SUMSQ: tl.constexpr,
+    COL_SUMABS: tl.constexpr,
+    COL_MAXABS: tl.constexpr,
+    COL_NAN: tl.constexpr,
+    COL_INF: tl.constexpr,
+    COL_ZERO: tl.constexpr,
+    N_COLS: tl.constexpr,
 ):
     CHUNK: tl.constexpr = BLOCK * SUB
     c = tl.program_id(0) + chunk0
@@ -272,18 +280,19 @@ def _partials_kernel(
         n_inf = tl.sum((acc_cnt >> 10) & 1023, axis=0).to(tl.int64)
         n_zero = n_valid - tl.sum(acc_cnt >> 20, axis=0).to(tl.int64)
 
-    o = out_ptr + row * 6
-    tl.atomic_add(o + 0, sumsq, sem="relaxed")
-    tl.atomic_add(o + 1, sumabs, sem="relaxed")
-    tl.atomic_max(out_bits_ptr + row * 6 + 2, mx.to(tl.int64, bitcast=True), sem="relaxed")
+    o = out_ptr + row * N_COLS
+    tl.atomic_add(o + COL_SUMSQ, sumsq, sem="relaxed")
+    tl.atomic_add(o + COL_SUMABS, sumabs, sem="relaxed")
+    m_bits = mx.to(tl.int64, bitcast=True)
+    tl.atomic_max(out_bits_ptr + row * N_COLS + COL_MAXABS, m_bits, sem="relaxed")
     # Counts per chunk are exact; float64 holds integer sums exactly up to 2**53. Zero counts
     # skip the atomic (usual for NaN/inf), which keeps same-address contention low.
     if n_nan != 0:
-        tl.atomic_add(o + 3, n_nan.to(tl.float64), sem="relaxed")
+        tl.atomic_add(o + COL_NAN, n_nan.to(tl.float64), sem="relaxed")
     if n_inf != 0:
-        tl.atomic_add(o + 4, n_inf.to(tl.float64), sem="relaxed")
+        tl.atomic_add(o + COL_INF, n_inf.to(tl.float64), sem="relaxed")
     if n_zero != 0:
-        tl.atomic_add(o + 5, n_zero.to(tl.float64), sem="relaxed")
+        tl.atomic_add(o + COL_ZERO, n_zero.to(tl.float64), sem="relaxed")
 
 
 # triton.jit decides compiled vs interpreted from TRITON_INTERPRET when it decorates, so the
@@ -322,12 +331,12 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # group order
-_DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+# Slot groups in the contract's dtype-code order (indexed by code).
+_DTYPES = tuple(d.torch_dtype for d in sorted(DTYPES, key=lambda d: d.code))
+_DTYPE_CODE = DTYPE_CODES
 _ITEMSIZE_BY_CODE = np.array([_ITEMSIZE[dt] for dt in _DTYPES], dtype=np.int64)
-_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _get_dtype = operator.attrgetter("dtype")
-_get_device = operator.attrgetter("device")
+_COLUMN_CONSTEXPRS = constexprs()
 
 
 def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -343,17 +352,8 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros((0, N_PARTIALS), dtype=torch.float64)
     # Host cost matters (it runs every step, per tensor): per-tensor metadata is read with
     # map() over C methods and the table is built with numpy, ~0.3 us per tensor.
-    types = set(map(type, tensors))
-    if not types <= _PLAIN_TYPES:
-        bad = next(t for t in types if t not in _PLAIN_TYPES)
-        if not issubclass(bad, torch.Tensor):
-            raise TypeError(f"expected torch.Tensor, got {bad.__name__}")
-        # wrapper subclasses (DTensor) have no data of their own at data_ptr()
-        raise TypeError(f"triton_partials needs plain tensors, got a {bad.__name__}")
-    devices = set(map(_get_device, tensors))
+    check_inputs(tensors, "triton_partials", cpu=False)
     device = tensors[0].device
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must share one device, got {sorted(map(str, devices))}")
     interpret = _interpret_mode()
     is_cuda = device.type == "cuda"
     if is_cuda and interpret:
@@ -361,13 +361,9 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raise RuntimeError("triton_partials on CUDA tensors needs TRITON_INTERPRET unset")
     if not is_cuda and not interpret:
         raise RuntimeError(f"triton_partials on {device} tensors needs TRITON_INTERPRET=1")
-    try:
-        codes = np.array([_DTYPE_CODE[dt] for dt in map(_get_dtype, tensors)], dtype=np.int64)
-    except KeyError:
-        bad_dtype = next(dt for dt in map(_get_dtype, tensors) if dt not in _DTYPE_CODE)
-        raise TypeError(
-            f"triton_partials supports float16/bfloat16/float32/float64, got {bad_dtype}"
-        ) from None
+    codes = np.fromiter(
+        (_DTYPE_CODE[dt] for dt in map(_get_dtype, tensors)), dtype=np.int64, count=len(tensors)
+    )
 
     n_tensors = len(tensors)
     numel = np.fromiter(map(torch.Tensor.numel, tensors), dtype=np.int64, count=n_tensors)
@@ -438,6 +434,7 @@ def triton_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 BLOCK=block,
                 SUB=sub,
                 num_warps=num_warps,
+                **_COLUMN_CONSTEXPRS,
             )
             slot0 += n_g
     del keep_alive  # stream-ordered allocator: freeing after the launch is safe
