@@ -28,6 +28,7 @@ _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 _TRITON_PREIMPORTED = "triton" in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see the module docstring)
 
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import textwrap  # noqa: E402
@@ -62,6 +63,7 @@ from gradwatch.kernels import (  # noqa: E402
     ZERO,
     triton_reduce,
 )
+from gradwatch.kernels.contract import COLUMNS, Contract, constexprs  # noqa: E402
 from gradwatch.kernels.triton_reduce import (  # noqa: E402
     launch_config,
     triton_available,
@@ -357,6 +359,45 @@ def test_random_many_tensors_against_reference() -> None:
     assert_triton_close(out, ts)
     want = reference_partials(ts)
     np.testing.assert_array_equal(out[:, 2:].numpy(), want[:, 2:])
+
+
+def _contract_tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    ts = []
+    for dt in DTYPES:
+        for n in (0, 1, CHUNK + 3):
+            x = (torch.randn(n, generator=g) * 3).to(dt)
+            if n > 10:
+                x[2], x[5], x[6:9] = float("nan"), float("-inf"), 0.0
+            ts.append(x)
+    return ts
+
+
+@pytest.mark.parametrize("column", COLUMNS, ids=lambda c: c.name)
+def test_every_contract_column_matches_the_reference(column) -> None:
+    ts = _contract_tensors()
+    got = triton_partials(ts).numpy()[:, column.index]
+    want = reference_partials(ts)[:, column.index]
+    if column.exact:
+        np.testing.assert_array_equal(got, want)
+    else:
+        rtol = [max(1e-10, triton_reduce.sum_relative_error_bound(t.dtype, t.device)) for t in ts]
+        for i in range(len(ts)):
+            np.testing.assert_allclose(got[i], want[i], rtol=rtol[i], atol=0)
+
+
+def test_kernel_reads_the_columns_from_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the contract's columns in another order (as constexprs), each lands where the
+    records say."""
+    order = [4, 0, 5, 2, 1, 3]
+    permuted = Contract([dataclasses.replace(c, index=order[c.index]) for c in COLUMNS])
+    monkeypatch.setattr(triton_reduce, "_COLUMN_CONSTEXPRS", constexprs(permuted))
+    ts = _contract_tensors()
+    got = triton_partials(ts).numpy()
+    want = permuted.reference(ts)
+    for c in permuted.columns:
+        if c.exact:
+            np.testing.assert_array_equal(got[:, c.index], want[:, c.index], err_msg=c.name)
 
 
 def test_requires_grad_tensor() -> None:
