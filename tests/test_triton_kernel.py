@@ -400,6 +400,62 @@ def test_kernel_reads_the_columns_from_the_contract(monkeypatch: pytest.MonkeyPa
             np.testing.assert_array_equal(got[:, c.index], want[:, c.index], err_msg=c.name)
 
 
+def _layout_of(ts: list[torch.Tensor]):
+    key = next(k for k in triton_reduce._LAYOUTS if k[3] == tuple(t.dtype for t in ts))
+    return triton_reduce._LAYOUTS[key]
+
+
+def test_layout_cache_new_pointers_same_pointers_and_new_alignment() -> None:
+    """Same layout: the cached table with new base addresses; same addresses: the device table
+    as it is (values changed in place are still read); another alignment: rebuilt."""
+    triton_reduce.clear_layout_cache()
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, CHUNK + 5), (0,), (7,), (CHUNK,)]
+    ts = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, DTYPES, strict=True)]
+    assert_triton_close(triton_partials(ts), ts)
+    layout = _layout_of(ts)
+    first_table = layout.sent[1]
+    other = [t.clone() * 2 for t in ts]  # same layout, other addresses
+    assert_triton_close(triton_partials(other), other)
+    assert _layout_of(ts) is layout and layout.sent[1] is not first_table
+    table = layout.sent[1]
+    for t in other:
+        t.mul_(-3)  # same addresses, new values
+    other[0][1, 2] = float("nan")
+    assert_triton_close(triton_partials(other), other)
+    assert layout.sent[1] is table  # reused, not sent again
+    assert len(triton_reduce._LAYOUTS) == 1
+    # the same element counts at another alignment within 16 bytes: lo/hi/cstart differ
+    flat = torch.randn(3 * (CHUNK + 5) + 1, generator=g).to(DTYPES[0])
+    shifted = [flat[1:].view(3, CHUNK + 5)] + other[1:]
+    assert_triton_close(triton_partials(shifted), shifted)
+    assert _layout_of(ts) is not layout
+
+
+def test_layout_cache_is_bounded_and_keyed_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_reduce.clear_layout_cache()
+    for n in range(1, triton_reduce._MAX_LAYOUTS + 4):
+        x = [torch.randn(n)]
+        assert_triton_close(triton_partials(x), x)
+    assert len(triton_reduce._LAYOUTS) == triton_reduce._MAX_LAYOUTS
+    x = [torch.randn(5 * CHUNK) for _ in range(70)]
+    triton_partials(x)
+    before = len(triton_reduce._LAYOUTS)
+    monkeypatch.setattr(triton_reduce, "_SEARCH_FANOUT", 2)  # another table search: new entry
+    assert_triton_close(triton_partials(x), x)
+    assert {k[2][1] for k in triton_reduce._LAYOUTS} >= {2, 64}
+    assert len(triton_reduce._LAYOUTS) == min(before + 1, triton_reduce._MAX_LAYOUTS)
+
+
+def test_cached_layout_still_rejects_bad_inputs() -> None:
+    x = [torch.randn(10), torch.randn(3)]
+    triton_partials(x)
+    with pytest.raises(ValueError):
+        triton_partials([torch.randn(10), torch.empty(3, device="meta")])
+    with pytest.raises(TypeError):
+        triton_partials([torch.randn(10), torch.zeros(3, dtype=torch.int32)])
+
+
 def test_requires_grad_tensor() -> None:
     p = torch.randn(100, requires_grad=True)
     assert_triton_close(triton_partials([p]), [p.detach()])
@@ -456,15 +512,25 @@ _CUDA_CHECK = textwrap.dedent(
     ts = [t.to(dev) for t in cpu]
     ts[1] = ts[1].to(memory_format=torch.channels_last)
     ts += [flat[1:30_001], flat[30_003:]]                          # unaligned bucket views
+    dense = [t for i, t in enumerate(ts) if i != 2]  # no copied tensor: stable addresses
     triton_partials(ts)  # compile outside the sync check
+    triton_partials(dense)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = triton_partials(ts)
+        out = triton_partials(ts)  # cached layout, the copied tensor's new base address
+        before = [t.clone() for t in ts]  # stream-ordered after the kernel: its inputs
+        for t in dense:
+            t.mul_(-2)
+        again = triton_partials(dense)  # same addresses: the device table as it is
+        moved = [t.clone() for t in dense]
+        out_moved = triton_partials(moved)  # same layout, new addresses
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.device == ts[0].device and out.dtype == torch.float64
-    assert_triton_close(out, ts)
+    assert_triton_close(out, before)
+    assert_triton_close(again, dense)
+    assert_triton_close(out_moved, moved)
     print("cuda ok")
     """
 )
