@@ -657,6 +657,12 @@ _CUDA_CHECK = textwrap.dedent(
     assert_triton_close(out, before)
     assert_triton_close(again, dense)
     assert_triton_close(out_moved, moved)
+    # a persistent grid smaller than the chunks: runs cross tensors and split the big ones
+    from gradwatch.kernels import triton_reduce as tr
+    tr._SM_COUNT[torch.cuda.current_device()] = 1
+    for per_sm in (1, 3, 7):
+        tr.PROGRAMS_PER_SM = per_sm
+        assert_triton_close(triton_partials(ts), ts)
     print("cuda ok")
     """
 )
