@@ -8,9 +8,12 @@ params and grads, bf16 autocast, fused AdamW. Configurations, interleaved round-
   clip+item     HF-style: clip_grad_norm_(1.0) and .item() of the norm every step
   norm().item() per-tensor .norm().item() loop every step
 
-Also: the fused kernel alone on the model's gradients (fp32, and cast to bf16 and fp16) against a
-device-to-device copy of the same bytes (achieved bandwidth) and torch._foreach_norm, the host
-time of one kernel call, and host syncs per step counted with torch.cuda.set_sync_debug_mode.
+Also: the fused kernel alone on the model's gradients (fp32, and cast to bf16, fp16 and fp64)
+against a device-to-device copy of the same bytes (achieved bandwidth), a plain sum() over the
+same bytes and torch._foreach_norm, for the persistent grid and for one program per chunk (the
+previous kernel, ``PROGRAMS_PER_SM = 0``); the host time of one kernel call for the 148 tensors
+(table built from scratch, cached with new addresses, cached with the same addresses:
+benchmarks/triton_host.py), and host syncs per step counted with torch.cuda.set_sync_debug_mode.
 
 Run:  python benchmarks/bench_gpu.py [--batch 8] [--steps 20] [--json out.json]
 """
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
+from gradwatch.kernels import COLUMNS, triton_reduce
 from gradwatch.kernels.triton_reduce import triton_partials
 
 
@@ -199,6 +203,25 @@ def main() -> None:
         row["host_us"] = host_us(lambda: triton_partials(gs))
         try:
             row["kernel_device_us"] = 1e3 * kernel_ms(lambda: triton_partials(gs), device_only=True)
+            persistent = triton_reduce.PROGRAMS_PER_SM
+            triton_reduce.PROGRAMS_PER_SM = 0  # one program per chunk: the previous grid
+            try:
+                row["per_chunk_device_us"] = 1e3 * kernel_ms(
+                    lambda: triton_partials(gs), device_only=True
+                )
+            finally:
+                triton_reduce.PROGRAMS_PER_SM = persistent
+            # both grids agree: max and counts exactly, sums within twice the stated bound
+            a = triton_partials(gs).cpu()
+            triton_reduce.PROGRAMS_PER_SM = 0
+            b = triton_partials(gs).cpu()
+            triton_reduce.PROGRAMS_PER_SM = persistent
+            bound = max(1e-12, triton_reduce.sum_relative_error_bound(gs[0].dtype, gs[0].device))
+            sums = [c.index for c in COLUMNS if not c.exact]
+            exact = [c.index for c in COLUMNS if c.exact]
+            rel = ((a[:, sums] - b[:, sums]).abs() / b[:, sums].abs().clamp_min(1e-300)).max()
+            agree = torch.equal(a[:, exact], b[:, exact]) and rel.item() <= 2 * bound
+            row["grids_agree"] = float(agree)
             row["copy_device_us"] = 1e3 * kernel_ms(lambda: dst.copy_(src), device_only=True)
             row["foreach_norm_device_us"] = 1e3 * kernel_ms(
                 lambda: torch._foreach_norm(gs), device_only=True
@@ -209,6 +232,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a private helper: never lose the rest of the run
             print(f"device-only timing unavailable: {exc!r}")
             row["kernel_device_us"] = row["copy_device_us"] = math.nan
+            row["per_chunk_device_us"] = row["grids_agree"] = math.nan
             row["foreach_norm_device_us"] = row["read_pass_device_us"] = math.nan
         # kernel: bytes read; copy: bytes read + written, in the same time unit
         row["kernel_pct_of_copy"] = 100 * 0.5 * row["copy_us"] / row["kernel_us"]
@@ -218,12 +242,21 @@ def main() -> None:
         return row
 
     bandwidth: dict[str, dict[str, float]] = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         try:
             gs = grads if dtype == torch.float32 else [g.to(dtype) for g in grads]
             bandwidth[str(dtype).removeprefix("torch.")] = kernel_vs_copy(gs)
         except Exception as exc:  # noqa: BLE001 - never lose the step-time table above
             print(f"kernel timing for {dtype} failed: {exc!r}")
+
+    # host time of one call for the model's 148 tensors: table uncached / new addresses / same
+    try:
+        from triton_host import measure as host_table
+
+        host_cases = host_table([p.shape for p in params], dev, repeats=50, stub=False)
+    except Exception as exc:  # noqa: BLE001 - never lose the tables above
+        print(f"host table timing failed: {exc!r}")
+        host_cases = {}
 
     med = {k: statistics.median(v) for k, v in times.items()}
     name = torch.cuda.get_device_name()
@@ -248,8 +281,8 @@ def main() -> None:
         "",
         "| grads | MB | kernel µs (device only) | copy µs (device only) | kernel % of copy"
         " bandwidth (device only) | end to end % | host µs / call | _foreach_norm µs |"
-        " sum() read pass µs | kernel x read pass |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " sum() read pass µs | kernel x read pass | one program per chunk µs | grids agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in bandwidth.items():
         lines.append(
@@ -258,7 +291,17 @@ def main() -> None:
             f" {r['kernel_pct_of_copy']:.0f}% | {r['host_us']:.0f} |"
             f" {r['foreach_norm_device_us']:.0f} | {r['read_pass_device_us']:.0f} |"
             f" {r['kernel_device_us'] / r['read_pass_device_us']:.2f} |"
+            f" {r['per_chunk_device_us']:.0f} | {r['grids_agree'] == 1.0} |"
         )
+    if host_cases:
+        lines += [
+            "",
+            f"Host µs of one triton_partials call, {len(params)} tensors (real launches, median"
+            " of 7 interleaved batches): table uncached"
+            f" {host_cases['uncached_us']:.0f}, cached with new addresses"
+            f" {host_cases['new_pointers_us']:.0f}, cached with the same addresses"
+            f" {host_cases['same_pointers_us']:.0f}",
+        ]
     lines += [
         "",
         f"gradwatch during timing: collected {collected}, dropped {dropped},"
@@ -273,6 +316,8 @@ def main() -> None:
                     "median_step_ms": med,
                     "host_syncs_per_step": sync_counts,
                     "kernel_vs_copy": bandwidth,
+                    "host_table_us": host_cases,
+                    "programs_per_sm": triton_reduce.PROGRAMS_PER_SM,
                     "params": n_params,
                     "dropped": dropped,
                     "finite": all(math.isfinite(v) for v in med.values()),

@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from gradwatch.kernels import cpu_native
-from gradwatch.kernels.torch_fallback import DTYPE_CODES, torch_partials
+from gradwatch.kernels import COLUMNS, DTYPE_CODES, N_PARTIALS, cpu_native
+from gradwatch.kernels.torch_fallback import torch_partials
 
 
 def transformer_grads(layers: int = 12, d: int = 384, vocab: int = 8192, ctx: int = 512):
@@ -96,18 +96,17 @@ class PyThreads:
             )
             cnt = np.array([e - b for _, b, e in pieces], np.int64)
             code = np.array([DTYPE_CODES[ts[i].dtype] for i, _, _ in pieces], np.int8)
-            out = np.empty((m, 6))
+            out = np.empty((m, N_PARTIALS))
             fn(m, ptr.ctypes.data, cnt.ctypes.data, code.ctypes.data, out.ctypes.data, 1, 1)
             return np.array([i for i, _, _ in pieces]), out
 
         res = list(self.pool.map(run, work))
         idx = np.concatenate([r[0] for r in res])
         rows = np.concatenate([r[1] for r in res])
-        out = np.zeros((len(ts), 6))
-        np.add.at(out, idx, rows)
-        mx = np.zeros(len(ts))
-        np.maximum.at(mx, idx, rows[:, 2])
-        out[:, 2] = mx
+        out = np.zeros((len(ts), N_PARTIALS))
+        for c in COLUMNS:  # each column's contract combine
+            op = np.add if c.combine == "sum" else np.maximum
+            op.at(out[:, c.index], idx, rows[:, c.index])
         return torch.from_numpy(out)
 
 

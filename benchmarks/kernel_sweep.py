@@ -4,9 +4,10 @@ For fp32, bf16 and fp16 copies of 148 tensors shaped like GPT-2-small's paramete
 elements), every candidate (BLOCK, SUB, num_warps) is checked against a float64 reference (to
 the kernel's stated error bound) and timed on the device alone (the GPU spins first, so the host
 queues all calls ahead), next to a device-to-device copy of the same bytes. Also the host time
-of one call, with and without the kernel launches.
+of one call, with and without the kernel launches. ``--programs 0,4,8,16`` sweeps the persistent
+grid (programs per SM; 0: one program per chunk).
 
-Run (CUDA):  python benchmarks/kernel_sweep.py [--json out.json]
+Run (CUDA):  python benchmarks/kernel_sweep.py [--programs 0,4,8,16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main() -> None:
         help="candidates as BLOCK,SUB,WARPS;... (default: the built-in list)",
     )
     ap.add_argument(
+        "--programs",
+        default=None,
+        help="persistent programs per SM to try with every config, e.g. 0,2,4,8,16 (0: one"
+        " program per chunk; default: the module's)",
+    )
+    ap.add_argument(
         "--fanouts",
         default=None,
         help="slot-search fan-outs to try with every config, e.g. 2,64 (default: the module's)",
@@ -86,9 +93,13 @@ def main() -> None:
         default = triton_reduce._CUDA_CONFIGS[itemsize]
         fanouts = [int(f) for f in args.fanouts.split(",")] if args.fanouts else [None]
         default_fanout = triton_reduce._SEARCH_FANOUT
-        for cfg, fanout in [(c, f) for c in candidates for f in fanouts]:
+        programs = [int(p) for p in args.programs.split(",")] if args.programs else [None]
+        default_programs = triton_reduce.PROGRAMS_PER_SM
+        sweep = [(c, f, p) for c in candidates for f in fanouts for p in programs]
+        for cfg, fanout, per_sm in sweep:
             triton_reduce._CUDA_CONFIGS[itemsize] = cfg
             triton_reduce._SEARCH_FANOUT = fanout or default_fanout
+            triton_reduce.PROGRAMS_PER_SM = default_programs if per_sm is None else per_sm
             try:
                 got = triton_reduce.triton_partials(ts).cpu().numpy()
                 bound = max(1e-10, triton_reduce.sum_relative_error_bound(dtype, dev))
@@ -99,6 +110,7 @@ def main() -> None:
                     "dtype": str(dtype).removeprefix("torch."),
                     "config": cfg,
                     "fanout": triton_reduce._SEARCH_FANOUT,
+                    "programs_per_sm": triton_reduce.PROGRAMS_PER_SM,
                     "kernel_us": ms * 1e3,
                     "copy_us": copy * 1e3,
                     "pct_of_copy": 100 * 0.5 * copy / ms,
@@ -112,6 +124,7 @@ def main() -> None:
             print(row, flush=True)
         triton_reduce._CUDA_CONFIGS[itemsize] = default
         triton_reduce._SEARCH_FANOUT = default_fanout
+        triton_reduce.PROGRAMS_PER_SM = default_programs
     # host time of one call on the fp32 set: real launches, then launches stubbed out
     call = host_us(lambda: triton_reduce.triton_partials(base))
     kernels = triton_reduce._KERNELS
@@ -132,16 +145,17 @@ def main() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     print(f"\nGPU: {torch.cuda.get_device_name()}")
     print(
-        "| dtype | BLOCK, SUB, warps | search fan-out | kernel µs | copy µs | % of copy |"
-        " max rel err | ok |"
+        "| dtype | BLOCK, SUB, warps | search fan-out | programs / SM | kernel µs | copy µs |"
+        " % of copy | max rel err | ok |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['dtype']} | {r['config']} | | error: {r['error'][:80]} | | | | |")
+            print(f"| {r['dtype']} | {r['config']} | | | error: {r['error'][:80]} | | | | |")
             continue
         print(
-            f"| {r['dtype']} | {r['config']} | {r['fanout']} | {r['kernel_us']:.0f} |"
+            f"| {r['dtype']} | {r['config']} | {r['fanout']} | {r['programs_per_sm']} |"
+            f" {r['kernel_us']:.0f} |"
             f" {r['copy_us']:.0f} |"
             f" {r['pct_of_copy']:.0f}% | {r['max_rel_err']:.1e} | {r['ok']} |"
         )

@@ -1,9 +1,15 @@
-"""Independent float64 reference for the kernel partials and the statistics (numpy only)."""
+"""Float64 references for the kernel partials and the statistics (numpy only).
+
+The partials' reference is each contract column's own float64 definition
+(``gradwatch.kernels.contract.Column.reference``), so a new column brings its reference along;
+the statistics' reference below is independent of gradwatch's code."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from gradwatch.kernels.contract import COLUMNS, CONTRACT, to_float64_numpy
 
 # Statistics checked against reference_stats by the end-to-end tests.
 MAGNITUDES = [
@@ -19,41 +25,28 @@ MAGNITUDES = [
 COUNTS = ["grad_elements", "grad_tensors", "grad_tensors_vanishing", "grad_tensors_exploding"]
 
 
-def to_float64_numpy(t: torch.Tensor) -> np.ndarray:
-    """Exact float64 copy of any floating tensor's values (bf16/fp16/fp32 all widen exactly)."""
-    return t.detach().to("cpu", torch.float64).contiguous().numpy().reshape(-1)
-
-
 def reference_partials(tensors) -> np.ndarray:
-    """Rows [sumsq, sumabs, maxabs, nan, inf, zero] per tensor, see gradwatch.kernels."""
-    rows = []
-    for t in tensors:
-        x = to_float64_numpy(t)
-        nan = int(np.isnan(x).sum())
-        inf = int(np.isinf(x).sum())
-        with np.errstate(over="ignore", invalid="ignore"):
-            sumsq = float(np.sum(x * x)) if x.size else 0.0
-            sumabs = float(np.sum(np.abs(x))) if x.size else 0.0
-        not_nan = x[~np.isnan(x)]
-        maxabs = float(np.max(np.abs(not_nan))) if not_nan.size else 0.0
-        zero = int((x == 0).sum())
-        rows.append([sumsq, sumabs, maxabs, nan, inf, zero])
-    return np.array(rows, dtype=np.float64).reshape(len(rows), 6)
+    """Rows [T, N_PARTIALS] per tensor from each contract column's float64 definition (its
+    ``reference``), see gradwatch.kernels.contract."""
+    return CONTRACT.reference(tensors)
 
 
 def assert_partials_close(got: torch.Tensor, tensors, rtol: float | list[float] = 1e-10) -> None:
-    """Compare a [T, 6] result with the reference: sums to rtol (one, or one per tensor), max
-    and counts exactly."""
+    """Compare a [T, N_PARTIALS] result with the reference, column by column of the contract:
+    the exact ones (max, counts) exactly, the others (sums) to rtol (one, or one per tensor)."""
     want = reference_partials(tensors)
     got_np = got.detach().to("cpu", torch.float64).numpy()
     assert got_np.shape == want.shape, (got_np.shape, want.shape)
-    for col, name in enumerate(["sumsq", "sumabs"]):
-        tol = np.broadcast_to(np.asarray(rtol, dtype=np.float64), (len(want),))
+    tol = np.broadcast_to(np.asarray(rtol, dtype=np.float64), (len(want),))
+    for col in COLUMNS:
+        c = col.index
+        if col.exact:
+            np.testing.assert_array_equal(got_np[:, c], want[:, c], err_msg=col.name)
+            continue
         for i in range(len(want)):
             np.testing.assert_allclose(
-                got_np[i, col], want[i, col], rtol=tol[i], atol=0, err_msg=f"{name} of tensor {i}"
+                got_np[i, c], want[i, c], rtol=tol[i], atol=0, err_msg=f"{col.name} of tensor {i}"
             )
-    np.testing.assert_array_equal(got_np[:, 2:], want[:, 2:])
 
 
 def assert_triton_close(got: torch.Tensor, tensors) -> None:

@@ -148,3 +148,17 @@ def test_every_value_comes_from_its_catalog_entry():
             assert s.scope in (catalog.GLOBAL, catalog.GROUP, catalog.PARAM, catalog.RANK)
         if s.scope == catalog.SELF:
             assert isinstance(src, catalog.FromProcess | catalog.FromWatch), s.prom_name
+
+
+def test_a_column_is_read_by_its_contract_name():
+    """A statistic of a new partial reads it by name: records need no new field."""
+    import numpy as np
+
+    from gradwatch.kernels import CONTRACT
+    from gradwatch.records import Aggregate
+
+    partials = np.arange(2.0 * CONTRACT.n).reshape(2, CONTRACT.n)
+    agg = Aggregate.of(partials, np.array([3.0, 4.0]))
+    for c in CONTRACT.columns:
+        np.testing.assert_array_equal(agg.column(c.name), partials[:, c.index])
+    np.testing.assert_array_equal(agg.maxabs, agg.column("MAXABS"))

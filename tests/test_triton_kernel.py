@@ -28,6 +28,7 @@ _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 _TRITON_PREIMPORTED = "triton" in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see the module docstring)
 
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import textwrap  # noqa: E402
@@ -62,6 +63,7 @@ from gradwatch.kernels import (  # noqa: E402
     ZERO,
     triton_reduce,
 )
+from gradwatch.kernels.contract import COLUMNS, Contract, constexprs  # noqa: E402
 from gradwatch.kernels.triton_reduce import (  # noqa: E402
     launch_config,
     triton_available,
@@ -77,7 +79,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK, SUB, _ = launch_config(torch.device("cpu"))
 CHUNK = BLOCK * SUB
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-_NOT_INTERPRETED = {"test_interpreter_suite_in_subprocess", "test_cuda_mixed_noncontiguous_no_sync"}
+_NOT_INTERPRETED = {
+    "test_interpreter_suite_in_subprocess",
+    "test_cuda_mixed_noncontiguous_no_sync",
+    "test_kernel_compiles_for_sm90_without_a_gpu",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -176,8 +182,10 @@ def test_mixed_dtypes_one_launch_per_group(launches: _CountLaunches) -> None:
     assert_triton_close(out, ts)
     assert len(launches.launches) == 4
     # Grid = chunks of the group (fresh CPU tensors are 64-byte aligned, so no head shift):
-    # fp16 1, bf16 1 + 1, fp64 2, fp32 2 + 1.
-    assert sorted(grid[0] for grid in launches.launches) == [1, 2, 2, 3]
+    # fp16 1, bf16 1 + 1, fp64 2, fp32 2 + 1; at most the persistent grid.
+    programs = triton_reduce.persistent_programs(torch.device("cpu"))
+    want = sorted(min(n, programs) for n in [1, 2, 2, 3])
+    assert sorted(grid[0] for grid in launches.launches) == want
 
 
 def test_empty_and_single_element(launches: _CountLaunches) -> None:
@@ -359,6 +367,221 @@ def test_random_many_tensors_against_reference() -> None:
     np.testing.assert_array_equal(out[:, 2:].numpy(), want[:, 2:])
 
 
+def _contract_tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    ts = []
+    for dt in DTYPES:
+        for n in (0, 1, CHUNK + 3):
+            x = (torch.randn(n, generator=g) * 3).to(dt)
+            if n > 10:
+                x[2], x[5], x[6:9] = float("nan"), float("-inf"), 0.0
+            ts.append(x)
+    return ts
+
+
+@pytest.mark.parametrize("column", COLUMNS, ids=lambda c: c.name)
+def test_every_contract_column_matches_the_reference(column) -> None:
+    ts = _contract_tensors()
+    got = triton_partials(ts).numpy()[:, column.index]
+    want = reference_partials(ts)[:, column.index]
+    if column.exact:
+        np.testing.assert_array_equal(got, want)
+    else:
+        rtol = [max(1e-10, triton_reduce.sum_relative_error_bound(t.dtype, t.device)) for t in ts]
+        for i in range(len(ts)):
+            np.testing.assert_allclose(got[i], want[i], rtol=rtol[i], atol=0)
+
+
+def test_kernel_reads_the_columns_from_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the contract's columns in another order (as constexprs), each lands where the
+    records say."""
+    order = [4, 0, 5, 2, 1, 3]
+    permuted = Contract([dataclasses.replace(c, index=order[c.index]) for c in COLUMNS])
+    monkeypatch.setattr(triton_reduce, "_COLUMN_CONSTEXPRS", constexprs(permuted))
+    ts = _contract_tensors()
+    got = triton_partials(ts).numpy()
+    want = permuted.reference(ts)
+    for c in permuted.columns:
+        if c.exact:
+            np.testing.assert_array_equal(got[:, c.index], want[:, c.index], err_msg=c.name)
+
+
+def _layout_of(ts: list[torch.Tensor]):
+    key = next(k for k in triton_reduce._LAYOUTS if k[3] == tuple(t.dtype for t in ts))
+    return triton_reduce._LAYOUTS[key]
+
+
+def test_layout_cache_new_pointers_same_pointers_and_new_alignment() -> None:
+    """Same layout: the cached table with new base addresses; same addresses: the device table
+    as it is (values changed in place are still read); another alignment: rebuilt."""
+    triton_reduce.clear_layout_cache()
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, CHUNK + 5), (0,), (7,), (CHUNK,)]
+    ts = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, DTYPES, strict=True)]
+    assert_triton_close(triton_partials(ts), ts)
+    layout = _layout_of(ts)
+    first_table = layout.sent[1]
+    other = [t.clone() * 2 for t in ts]  # same layout, other addresses
+    assert_triton_close(triton_partials(other), other)
+    assert _layout_of(ts) is layout and layout.sent[1] is not first_table
+    table = layout.sent[1]
+    for t in other:
+        t.mul_(-3)  # same addresses, new values
+    other[0][1, 2] = float("nan")
+    assert_triton_close(triton_partials(other), other)
+    assert layout.sent[1] is table  # reused, not sent again
+    assert len(triton_reduce._LAYOUTS) == 1
+    # the same element counts at another alignment within 16 bytes: lo/hi/cstart differ
+    flat = torch.randn(3 * (CHUNK + 5) + 1, generator=g).to(DTYPES[0])
+    shifted = [flat[1:].view(3, CHUNK + 5)] + other[1:]
+    assert_triton_close(triton_partials(shifted), shifted)
+    assert _layout_of(ts) is not layout
+
+
+def test_layout_cache_is_bounded_and_keyed_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_reduce.clear_layout_cache()
+    for n in range(1, triton_reduce._MAX_LAYOUTS + 4):
+        x = [torch.randn(n)]
+        assert_triton_close(triton_partials(x), x)
+    assert len(triton_reduce._LAYOUTS) == triton_reduce._MAX_LAYOUTS
+    x = [torch.randn(5 * CHUNK) for _ in range(70)]
+    triton_partials(x)
+    before = len(triton_reduce._LAYOUTS)
+    monkeypatch.setattr(triton_reduce, "_SEARCH_FANOUT", 2)  # another table search: new entry
+    assert_triton_close(triton_partials(x), x)
+    assert {k[2][1] for k in triton_reduce._LAYOUTS} >= {2, 64}
+    assert len(triton_reduce._LAYOUTS) == min(before + 1, triton_reduce._MAX_LAYOUTS)
+
+
+def test_cached_layout_still_rejects_bad_inputs() -> None:
+    x = [torch.randn(10), torch.randn(3)]
+    triton_partials(x)
+    with pytest.raises(ValueError):
+        triton_partials([torch.randn(10), torch.empty(3, device="meta")])
+    with pytest.raises(TypeError):
+        triton_partials([torch.randn(10), torch.zeros(3, dtype=torch.int32)])
+
+
+# ---- persistent grid: each program a contiguous run of chunks, one flush per tensor ---------
+
+ONE_PER_CHUNK = 1 << 40  # more programs than chunks: the grid is one program per chunk
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3, 7, ONE_PER_CHUNK])
+def test_runs_cross_tensor_boundaries(programs: int, monkeypatch, launches) -> None:
+    """Tensors of 1 element to several chunks, empty ones between them, in runs that start and
+    end inside tensors and span several: every chunk counted once, in its own tensor's row."""
+    monkeypatch.setattr(triton_reduce, "_INTERPRET_PROGRAMS", programs)
+    g = torch.Generator().manual_seed(programs % 1000)
+    sizes = [CHUNK + 3, 0, 5, 2 * CHUNK, 1, 0, 3 * CHUNK - 1, 17, CHUNK, 0, 2]
+    ts = [torch.randn(n, generator=g) for n in sizes]
+    for t in ts[::3]:
+        t[: t.numel() // 3] = 0.0
+    out = triton_partials(ts)
+    assert_triton_close(out, ts)
+    n_chunks = sum(-(-n // CHUNK) for n in sizes)
+    assert launches.launches == [(min(programs, n_chunks),)]
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7])
+def test_many_tiny_tensors_in_few_runs(programs: int, monkeypatch) -> None:
+    monkeypatch.setattr(triton_reduce, "_INTERPRET_PROGRAMS", programs)
+    g = torch.Generator().manual_seed(7)
+    ts = [torch.randn(1 + i % 19, generator=g).to(DTYPES[i % 4]) for i in range(300)]
+    ts[10][0] = float("nan")
+    ts[11][0] = float("-inf")
+    ts[12].zero_()
+    out = triton_partials(ts)
+    assert_triton_close(out, ts)
+
+
+@pytest.mark.parametrize("programs", [2, 3, 5, 13, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_huge_tensor_split_over_programs(programs: int, dtype: torch.dtype, monkeypatch):
+    """One tensor of 13 chunks (+ a partial one) over several runs, NaN/inf/zeros planted at
+    both sides of every run boundary: each run's flush adds its part once."""
+    monkeypatch.setattr(triton_reduce, "_INTERPRET_PROGRAMS", programs)
+    n_chunks = 14
+    x = torch.randn(13 * CHUNK + 100, generator=torch.Generator().manual_seed(programs)).to(dtype)
+    p = min(programs, n_chunks)
+    for k in range(1, p):
+        e = (k * n_chunks // p) * CHUNK  # first element of run k (the tensor is 64-byte aligned)
+        x[e - 1] = float("nan")
+        x[e] = float("inf") if k % 2 else float("-inf")
+        x[e + 1] = 0.0
+    x[0] = float("nan")
+    x[-1] = float("inf")
+    out = triton_partials([x])
+    assert_triton_close(out, [x])
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3, 5])
+def test_mixed_dtype_groups_each_split(programs: int, monkeypatch, launches) -> None:
+    monkeypatch.setattr(triton_reduce, "_INTERPRET_PROGRAMS", programs)
+    g = torch.Generator().manual_seed(11)
+    ts = []
+    for i, n in enumerate([2 * CHUNK + 9, 0, 30, CHUNK - 1, 3 * CHUNK, 4, 1, CHUNK + 1]):
+        t = torch.randn(n, generator=g).to(DTYPES[i % 4])
+        if n > 10:
+            t[-1] = float("nan")
+            t[0] = float("inf")
+        ts.append(t)
+    ts.append(torch.randn(40, 30, generator=g).t())  # dense transpose, read in place
+    out = triton_partials(ts)
+    assert_triton_close(out, ts)
+    assert len(launches.launches) == 4 and all(g[0] <= programs for g in launches.launches)
+
+
+def test_persistent_grid_on_cuda_from_the_sm_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_reduce, "_SM_COUNT", {0: 132})
+    monkeypatch.setattr(triton_reduce, "PROGRAMS_PER_SM", 8)
+    assert triton_reduce.persistent_programs(torch.device("cuda", 0)) == 132 * 8
+    monkeypatch.setattr(triton_reduce, "PROGRAMS_PER_SM", 0)  # one program per chunk
+    assert triton_reduce.persistent_programs(torch.device("cuda", 0)) >= 1 << 40
+
+
+_SM90_COMPILE = textwrap.dedent(
+    """
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gradwatch.kernels import triton_reduce as tr
+    from gradwatch.kernels.contract import constexprs
+
+    kern = triton.jit(tr._partials_kernel)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        block, sub, warps = tr._CUDA_CONFIGS[tr._ITEMSIZE[dt]]
+        half = dt in (torch.float16, torch.bfloat16)
+        cons = dict(DTYPE=tr._tl_dtype(dt), IS_HALF=half, IS_F64=dt == torch.float64,
+                    FANOUT=tr._SEARCH_FANOUT, LEVELS=2, BLOCK=block, SUB=sub, **constexprs())
+        sig = {"tab": "*i64", "out_ptr": "*fp64", "out_bits_ptr": "*i64", "n_slots": "i32",
+               "slot0": "i32", "chunk0": "i32", "n_chunks": "i32"}
+        sig.update(dict.fromkeys(cons, "constexpr"))
+        src = ASTSource(fn=kern, signature=sig, constexprs=cons)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        ptx = k.asm["ptx"]
+        # interior chunks take 128-bit loads (the alignment hints survive the persistent loops)
+        assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx or "ld.global.v2.u64" in ptx
+        print(dt, "ok", len(k.asm["cubin"]))
+    """
+)
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu() -> None:
+    """The compiled path (not the interpreter) of every dtype builds to sm_90 PTX and cubin:
+    triton compiles ahead of time for a named target, no device needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No module named" in proc.stderr):
+        pytest.skip(f"no CUDA compiler backend in this triton: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.stdout.count(" ok ") == 4, proc.stdout
+
+
 def test_requires_grad_tensor() -> None:
     p = torch.randn(100, requires_grad=True)
     assert_triton_close(triton_partials([p]), [p.detach()])
@@ -415,15 +638,31 @@ _CUDA_CHECK = textwrap.dedent(
     ts = [t.to(dev) for t in cpu]
     ts[1] = ts[1].to(memory_format=torch.channels_last)
     ts += [flat[1:30_001], flat[30_003:]]                          # unaligned bucket views
+    dense = [t for i, t in enumerate(ts) if i != 2]  # no copied tensor: stable addresses
     triton_partials(ts)  # compile outside the sync check
+    triton_partials(dense)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = triton_partials(ts)
+        out = triton_partials(ts)  # cached layout, the copied tensor's new base address
+        before = [t.clone() for t in ts]  # stream-ordered after the kernel: its inputs
+        for t in dense:
+            t.mul_(-2)
+        again = triton_partials(dense)  # same addresses: the device table as it is
+        moved = [t.clone() for t in dense]
+        out_moved = triton_partials(moved)  # same layout, new addresses
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.device == ts[0].device and out.dtype == torch.float64
-    assert_triton_close(out, ts)
+    assert_triton_close(out, before)
+    assert_triton_close(again, dense)
+    assert_triton_close(out_moved, moved)
+    # a persistent grid smaller than the chunks: runs cross tensors and split the big ones
+    from gradwatch.kernels import triton_reduce as tr
+    tr._SM_COUNT[torch.cuda.current_device()] = 1
+    for per_sm in (1, 3, 7):
+        tr.PROGRAMS_PER_SM = per_sm
+        assert_triton_close(triton_partials(ts), ts)
     print("cuda ok")
     """
 )

@@ -29,7 +29,7 @@ import torch
 
 from . import catalog, distributed, updates
 from .config import Config
-from .kernels import MAXABS, N_PARTIALS, SUMABS, SUMSQ
+from .kernels import N_PARTIALS, SUMSQ, unscale
 from .kernels.dispatch import Backend, select_backend
 from .listing import GradientListing
 from .loop_values import ClipRecord, StepWindow, read_loop_values, with_host_values
@@ -491,9 +491,7 @@ class OptimizerWatch:
         scale = loop.grad_scale
         if scale is not None and scale != 1.0:
             # Fused optimizers under GradScaler see still-scaled grads; report unscaled values.
-            partials[:, SUMSQ] /= scale * scale
-            partials[:, SUMABS] /= scale
-            partials[:, MAXABS] /= scale
+            unscale(partials, scale)
         readout = Readout(step, layout, partials, numel, loop, local)
         total_norm = math.nan if readout.nonfinite else catalog.total_l2_norm(readout.aggregate())
         coefficient = catalog.clip_coefficient(loop)

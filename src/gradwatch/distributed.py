@@ -7,8 +7,9 @@ replicated over some mesh dimension (HSDP's replicate dimension, a param left re
 counted on the rank whose coordinate on every ``Replicate`` dimension is 0 and zeroed elsewhere,
 so every element counts exactly once; FSDP2's padding is never part of ``to_local()``. Then one
 small all-reduce per collected step on a dedicated process group (gloo for CPU partials, the
-default backend for device partials) combines the ``[T, 6]`` partials: sums for SUMSQ, SUMABS,
-NAN, INF, ZERO; max for MAXABS (a second all-reduce of ``T`` numbers). Every rank then holds the
+default backend for device partials) combines the ``[T, 6]`` partials: one SUM all-reduce of the
+columns the contract sums (SUMSQ, SUMABS, NAN, INF, ZERO) and one MAX all-reduce of those it
+maxes (MAXABS, ``T`` numbers), see ``kernels.contract``. Every rank then holds the
 same full per-tensor partials, and every statistic (per-tensor norms included) is computed from
 them; the element count of a row is the full parameter's ``numel``.
 
@@ -37,7 +38,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from .kernels import MAXABS
+from .kernels import join_by_combine, split_by_combine
 
 log = logging.getLogger("gradwatch")
 
@@ -172,21 +173,20 @@ def start_combine(partials: torch.Tensor, owned: np.ndarray):
     counted = torch.where(mask[:, None], partials, torch.zeros_like(partials))
     # Column slices, never a list index: a Python list indexing a CUDA tensor is first copied to
     # the device from pageable memory, which synchronizes the host.
-    sums = torch.cat([counted[:, :MAXABS], counted[:, MAXABS + 1 :]], dim=1)  # 5 summed columns
-    maxes = counted[:, MAXABS].contiguous()
+    # One contiguous tensor per combine kind of the contract's columns, one all-reduce each.
+    parts = split_by_combine(counted)
     pg = group("gloo" if partials.device.type == "cpu" else "device")
     dist = torch.distributed
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     works = [
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg, async_op=True),
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=pg, async_op=True),
+        dist.all_reduce(part, op=ops[kind], group=pg, async_op=True) for kind, part in parts.items()
     ]
-    return (sums, maxes), works
+    return parts, works
 
 
 def finish_combine(parts) -> torch.Tensor:
-    """Reassemble [T, 6] from the reduced sums and maxes (after the works completed)."""
-    sums, maxes = parts
-    return torch.cat([sums[:, :MAXABS], maxes[:, None], sums[:, MAXABS:]], dim=1)
+    """Reassemble [T, N_PARTIALS] from the reduced parts (after the works completed)."""
+    return join_by_combine(parts)
 
 
 # ---- discovery ----

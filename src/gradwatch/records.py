@@ -15,14 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import INF, MAXABS, NAN, SUMABS, SUMSQ, ZERO
+from .kernels import CONTRACT, INF, MAXABS, NAN, SUMABS, SUMSQ, ZERO
 
 NONFINITE_NAMES = 5  # params named in grad_nonfinite_param_info and the incident log line
 
 
 @dataclass(frozen=True)
 class Aggregate:
-    """Per-tensor partials of one set of gradient tensors, in float64 (numpy arrays of length T)."""
+    """Per-tensor partials of one set of gradient tensors, in float64 (numpy arrays of length T).
+
+    The six columns of the contract by name, and any column by its contract name
+    (:meth:`column`): a statistic of a new column reads it without a change here."""
 
     sumsq: np.ndarray
     sumabs: np.ndarray
@@ -31,6 +34,7 @@ class Aggregate:
     inf: np.ndarray
     zero: np.ndarray
     numel: np.ndarray
+    partials: np.ndarray | None = None  # the [T, N_PARTIALS] rows these columns come from
 
     @staticmethod
     def of(partials: np.ndarray, numel: np.ndarray) -> Aggregate:
@@ -43,7 +47,14 @@ class Aggregate:
             inf=partials[:, INF],
             zero=partials[:, ZERO],
             numel=numel,
+            partials=partials,
         )
+
+    def column(self, name: str) -> np.ndarray:
+        """One column by its name in :data:`gradwatch.kernels.CONTRACT` (``"SUMSQ"``, ...)."""
+        if self.partials is None:
+            raise ValueError("this aggregate was not built from partials (Aggregate.of)")
+        return self.partials[:, CONTRACT.by_name[name].index]
 
     @property
     def tensors(self) -> int:

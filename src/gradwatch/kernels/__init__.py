@@ -1,8 +1,12 @@
 """Per-tensor reduction kernels: one read of each gradient element, six partials per tensor.
 
-Contract shared by every backend (CPU native, Triton, plain torch):
+The contract lives in :mod:`gradwatch.kernels.contract` (re-exported here): one
+:class:`~gradwatch.kernels.contract.Column` record per column (name, index, meaning, how it
+combines across pieces and ranks, how a loss scale scales it, its float64 reference), one
+dtype-code table, the input checks and the combine/unscale helpers.
 
-``partials(tensors) -> Tensor[T, 6] float64`` on the tensors' device, one row per tensor, columns
+``partials(tensors) -> Tensor[T, N_PARTIALS] float64`` on the tensors' device, one row per
+tensor, columns
 
 =========  ==============================================================
 SUMSQ  0   sum of x*x over the tensor, accumulated in float64 (NaN if any
@@ -18,14 +22,54 @@ INF    4   number of +-inf elements (exact)
 ZERO   5   number of elements exactly equal to 0 (+0 and -0)
 =========  ==============================================================
 
-Tensors of one call share a device but may mix dtypes (float16, bfloat16, float32, float64);
-they may be empty, hold one element, or be non-contiguous. Element counts are known on the host
-(``numel()``) and are not part of the result. No backend copies all gradients into one buffer:
-extra memory is O(T), never O(elements) (the torch fallback on a device adds one reused
-buffer of a fixed size).
+Pieces of a tensor and ranks combine by sum, MAXABS by max; a loss scale s scales SUMSQ by s**2,
+SUMABS and MAXABS by s (``unscale``). Tensors of one call share a device but may mix dtypes
+(float16, bfloat16, float32, float64); they may be empty, hold one element, or be
+non-contiguous. Element counts are known on the host (``numel()``) and are not part of the
+result. No backend copies all gradients into one buffer: extra memory is O(T), never
+O(elements) (the torch fallback on a device adds one reused buffer of a fixed size).
 """
 
 from __future__ import annotations
 
-SUMSQ, SUMABS, MAXABS, NAN, INF, ZERO = range(6)
-N_PARTIALS = 6
+from .contract import (
+    COLUMNS,
+    CONTRACT,
+    DTYPE_CODES,
+    DTYPES,
+    INF,
+    MAXABS,
+    N_PARTIALS,
+    NAN,
+    SUMABS,
+    SUMSQ,
+    ZERO,
+    Column,
+    check_inputs,
+    combine_pieces,
+    join_by_combine,
+    reference_partials,
+    split_by_combine,
+    unscale,
+)
+
+__all__ = [
+    "COLUMNS",
+    "CONTRACT",
+    "DTYPE_CODES",
+    "DTYPES",
+    "INF",
+    "MAXABS",
+    "N_PARTIALS",
+    "NAN",
+    "SUMABS",
+    "SUMSQ",
+    "ZERO",
+    "Column",
+    "check_inputs",
+    "combine_pieces",
+    "join_by_combine",
+    "reference_partials",
+    "split_by_combine",
+    "unscale",
+]

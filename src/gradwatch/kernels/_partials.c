@@ -1,7 +1,9 @@
 /* Fused per-tensor gradient partials for gradwatch (CPU, plain C, loaded with ctypes).
  *
- * Output row per tensor (see gradwatch/kernels/__init__.py):
- *   [sumsq, sumabs, maxabs(non-NaN), n_nan, n_inf, n_zero], all float64.
+ * Output row per tensor (see gradwatch/kernels/contract.py): GW_N_PARTIALS float64 columns,
+ * sumsq, sumabs, maxabs(non-NaN), n_nan, n_inf, n_zero at the indices GW_SUMSQ ... GW_ZERO.
+ * Those indices and the dtype codes GW_F32 ... are not restated here: cpu_native.py passes
+ * them from the contract as -D flags (contract.c_defines), which also key the build cache.
  *
  * Every element is read from memory once.  Sums are accumulated in float64 in LANES independent
  * lanes so that the compiler vectorises without -ffast-math (which would break NaN/inf
@@ -26,7 +28,14 @@
 
 #define GW_ABI_VERSION 1
 
-enum { GW_F32 = 0, GW_F16 = 1, GW_BF16 = 2, GW_F64 = 3 };
+#if !defined(GW_SUMSQ) || !defined(GW_SUMABS) || !defined(GW_MAXABS) || !defined(GW_NAN) || \
+    !defined(GW_INF) || !defined(GW_ZERO) || !defined(GW_N_PARTIALS)
+#error "build with the contract's column defines (gradwatch.kernels.contract.c_defines)"
+#endif
+#if !defined(GW_F32) || !defined(GW_F16) || !defined(GW_BF16) || !defined(GW_F64) || \
+    !defined(GW_N_DTYPES)
+#error "build with the contract's dtype codes (gradwatch.kernels.contract.c_defines)"
+#endif
 
 /* 16 float64 lanes per sum = 2 AVX-512 / 4 AVX2 / 8 NEON registers: enough independent
  * dependency chains to hide add/FMA latency. */
@@ -54,12 +63,12 @@ static void stats_merge(gw_stats *a, const gw_stats *b) {
 }
 
 static void stats_store(double *row, const gw_stats *s) {
-    row[0] = s->sumsq;
-    row[1] = s->sumabs;
-    row[2] = s->maxabs;
-    row[3] = (double)s->nan; /* exact below 2**53 elements */
-    row[4] = (double)s->inf;
-    row[5] = (double)s->zero;
+    row[GW_SUMSQ] = s->sumsq;
+    row[GW_SUMABS] = s->sumabs;
+    row[GW_MAXABS] = s->maxabs;
+    row[GW_NAN] = (double)s->nan; /* exact below 2**53 elements */
+    row[GW_INF] = (double)s->inf;
+    row[GW_ZERO] = (double)s->zero;
 }
 
 /* ---- 16-bit inputs: widen into a float buffer, then reduce as fp32 -------------------------- */
@@ -300,7 +309,7 @@ static void run_work(gw_work *w) {
         gw_stats s;
         reduce_range(w->ptrs[t], w->dtypes[t], b, e, &s);
         if (b == 0 && e == w->counts[t]) {
-            stats_store(w->out + 6 * t, &s);
+            stats_store(w->out + GW_N_PARTIALS * t, &s);
         } else {
             w->part_idx[w->n_part] = t;
             w->part[w->n_part] = s;
@@ -351,15 +360,15 @@ void gw_f16_to_f32_portable(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32_portable(src[i]);
 }
 
-/* Partials of n tensors into out[n * 6].  ptrs: address of each tensor's first element; counts:
- * element counts; dtypes: GW_* codes.  The work is split over up to `nthreads` threads (the
+/* Partials of n tensors into out[n * GW_N_PARTIALS].  ptrs: address of each tensor's first
+ * element; counts: element counts; dtypes: GW_* codes.  The work is split over up to `nthreads` threads (the
  * caller being one of them), keeping at least `min_per_thread` elements per thread.  Returns the
  * number of threads used, or -1 on a bad dtype code (nothing written). */
 int gw_partials(int64_t n, const uint64_t *ptrs, const int64_t *counts, const int8_t *dtypes,
                 double *out, int nthreads, int64_t min_per_thread) {
     int64_t total = 0;
     for (int64_t t = 0; t < n; t++) {
-        if (dtypes[t] < 0 || dtypes[t] > GW_F64) return -1;
+        if (dtypes[t] < 0 || dtypes[t] >= GW_N_DTYPES) return -1;
         total += counts[t];
     }
     if (min_per_thread < 1) min_per_thread = 1;
@@ -370,7 +379,7 @@ int gw_partials(int64_t n, const uint64_t *ptrs, const int64_t *counts, const in
         for (int64_t t = 0; t < n; t++) {
             gw_stats s;
             reduce_range(ptrs[t], dtypes[t], 0, counts[t], &s);
-            stats_store(out + 6 * t, &s);
+            stats_store(out + GW_N_PARTIALS * t, &s);
         }
         return 1;
     }
@@ -421,7 +430,7 @@ int gw_partials(int64_t n, const uint64_t *ptrs, const int64_t *counts, const in
         for (int i = 0; i < work[k].n_part; i++) {
             const int64_t idx = work[k].part_idx[i];
             if (idx != cur) {
-                if (cur >= 0) stats_store(out + 6 * cur, &acc);
+                if (cur >= 0) stats_store(out + GW_N_PARTIALS * cur, &acc);
                 cur = idx;
                 acc = work[k].part[i];
             } else {
@@ -429,6 +438,6 @@ int gw_partials(int64_t n, const uint64_t *ptrs, const int64_t *counts, const in
             }
         }
     }
-    if (cur >= 0) stats_store(out + 6 * cur, &acc);
+    if (cur >= 0) stats_store(out + GW_N_PARTIALS * cur, &acc);
     return (int)nt;
 }

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradwatch.kernels import N_PARTIALS
-from gradwatch.kernels.torch_fallback import DTYPE_CODES, is_non_overlapping_and_dense
+from gradwatch.kernels.contract import DTYPE_CODES, N_PARTIALS, c_defines, check_inputs
+from gradwatch.kernels.torch_fallback import is_non_overlapping_and_dense
 
 __all__ = ["native_available", "native_partials", "native_partials_prepared"]
 
@@ -255,7 +255,7 @@ def _load(path: Path) -> ctypes._CFuncPtr:
         ctypes.c_void_p,  # uint64 data pointers
         ctypes.c_void_p,  # int64 element counts
         ctypes.c_void_p,  # int8 dtype codes
-        ctypes.c_void_p,  # double out[n * 6]
+        ctypes.c_void_p,  # double out[n * N_PARTIALS]
         ctypes.c_int,  # max threads
         ctypes.c_int64,  # min elements per thread
     ]
@@ -306,6 +306,9 @@ def _build_and_load() -> tuple[ctypes._CFuncPtr, Path]:
     refused: list[str] = []  # directories or files another local user could have written
     dirs = [_cache_dir(), _fallback_cache_dir()]
     for flags in _flag_sets(cpu, openmp):
+        # The column indices and dtype codes come from the contract: part of the flags, so of
+        # the cache key, and a library built for another contract is never loaded.
+        flags = (*flags, *c_defines())
         name = f"partials-{_key(source, cc, version, flags, cpu)}.so"
         for d in list(dirs):
             path = d / name
@@ -406,11 +409,8 @@ class _Buffers(threading.local):
 _bufs = _Buffers()
 # Unbound C-level accessors: map() over them is ~2x cheaper than a Python-level loop.
 _data_ptr = torch.Tensor.data_ptr
-_PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
-_get_dtype = torch.Tensor.dtype.__get__
-_get_is_cpu = torch.Tensor.is_cpu.__get__
 
 
 def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -427,18 +427,9 @@ def native_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     out = torch.empty((n, N_PARTIALS), dtype=torch.float64)
     if n == 0:
         return out
-    if not all(map(_get_is_cpu, ts)):
-        bad = next(t.device for t in ts if not t.is_cpu)
-        raise ValueError(f"native_partials needs CPU tensors, got one on {bad}")
-    dtypes = set(map(_get_dtype, ts))
-    for dt in dtypes:
-        if dt not in DTYPE_CODES:
-            raise TypeError(f"unsupported dtype {dt}: need float32/float16/bfloat16/float64")
-    if not set(map(type, ts)) <= _PLAIN_TYPES:
-        # A wrapper subclass (DTensor, ...) has no storage of its own: its data_ptr() is not the
-        # data, and reading it would crash. Callers pass local shards (distributed.local_view).
-        bad = next(type(t).__name__ for t in ts if type(t) not in _PLAIN_TYPES)
-        raise TypeError(f"native_partials needs plain tensors, got a {bad}")
+    # Plain tensors only: a wrapper subclass (DTensor, ...) has no storage of its own, its
+    # data_ptr() is not the data, and reading it would crash.
+    dtypes = check_inputs(ts, "native_partials", cpu=True)
     ptrs = list(map(_data_ptr, ts))
     keep: list[torch.Tensor] = []  # contiguous copies must outlive the call
     if not all(map(_is_contiguous, ts)):

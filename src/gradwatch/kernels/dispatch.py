@@ -57,16 +57,10 @@ class Backend:
 
 
 def combine_rows(rows: torch.Tensor) -> torch.Tensor:
-    """The partials of a tensor from those of its pieces: sums, and max for MAXABS."""
-    from . import MAXABS
+    """The partials of a tensor from those of its pieces (each column's contract rule)."""
+    from .contract import combine_pieces
 
-    return torch.cat(
-        [
-            rows[:, :MAXABS].sum(0),
-            rows[:, MAXABS : MAXABS + 1].amax(0),
-            rows[:, MAXABS + 1 :].sum(0),
-        ]
-    )
+    return combine_pieces(rows)
 
 
 def _chunks(t: torch.Tensor):

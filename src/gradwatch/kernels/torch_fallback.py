@@ -22,17 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
-from gradwatch.kernels import N_PARTIALS
+from gradwatch.kernels.contract import (
+    CONTRACT,
+    DTYPE_CODES,
+    N_PARTIALS,
+    check_inputs,
+    combine_pieces,
+)
 
 __all__ = ["torch_partials", "device_partials", "is_non_overlapping_and_dense", "DTYPE_CODES"]
-
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-}
-"""Supported dtypes (codes shared with _partials.c)."""
 
 CHUNK = 1 << 18
 """Elements per slice of a large tensor (a 2 MiB float64 buffer): also the small/large cut."""
@@ -60,19 +58,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1)
 
 
-def _check(tensors: Sequence[torch.Tensor], cpu: bool = True) -> None:
-    for t in tensors:
-        if t.dtype not in DTYPE_CODES:
-            raise TypeError(f"unsupported dtype {t.dtype}: need float32/float16/bfloat16/float64")
-        if cpu and not t.is_cpu:
-            raise ValueError(f"torch_partials (CPU) needs CPU tensors, got one on {t.device}")
-
-
 @torch.no_grad()
 def torch_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Partials [T, 6] float64 on the CPU (see ``gradwatch.kernels``), using torch ops only."""
     ts = list(tensors)
-    _check(ts)
+    check_inputs(ts, "torch_partials (CPU)", cpu=True, plain=False)
     out = torch.zeros((len(ts), N_PARTIALS), dtype=torch.float64)
     small: dict[tuple[torch.dtype, torch.Size], tuple[list[torch.Tensor], list[int]]] = {}
     large: list[int] = []
@@ -115,7 +105,8 @@ def _stacked(group: list[torch.Tensor]) -> torch.Tensor:
         nan[rows] = isnan.sum(1).to(torch.float64)
         inf[rows] = torch.isinf(xr).sum(1).to(torch.float64)
         maxabs[rows] = xr.abs().masked_fill_(isnan, 0).amax(1).to(torch.float64)
-    return torch.stack([sumsq, sumabs, maxabs, nan, inf, zero], dim=1)
+    cols = dict(SUMSQ=sumsq, SUMABS=sumabs, MAXABS=maxabs, NAN=nan, INF=inf, ZERO=zero)
+    return torch.stack(CONTRACT.ordered(cols), dim=1)
 
 
 def _nan_inf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -151,10 +142,15 @@ def _large_tensor(t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         if m is not None:
             maxabs[k] = m
     zero = t.numel() - int(torch.stack(nzs).sum())
-    return torch.tensor(
-        [float(sq.sum()), float(torch.stack(abss).sum()), float(maxabs.max()), nan, inf, zero],
-        dtype=torch.float64,
+    cols = dict(
+        SUMSQ=float(sq.sum()),
+        SUMABS=float(torch.stack(abss).sum()),
+        MAXABS=float(maxabs.max()),
+        NAN=nan,
+        INF=inf,
+        ZERO=zero,
     )
+    return torch.tensor(CONTRACT.ordered(cols), dtype=torch.float64)
 
 
 DEVICE_CHUNK = 1 << 20
@@ -174,12 +170,10 @@ def device_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     [[25.0, 7.0, 4.0, 0.0, 0.0, 1.0]]
     """
     ts = list(tensors)
-    _check(ts, cpu=False)
+    check_inputs(ts, "device_partials", cpu=False, plain=False)
     if not ts:
         return torch.zeros((0, N_PARTIALS), dtype=torch.float64)
     device = ts[0].device
-    if any(t.device != device for t in ts):
-        raise ValueError("device_partials needs all tensors on one device")
     out = torch.zeros((len(ts), N_PARTIALS), dtype=torch.float64, device=device)
     largest = max(t.numel() for t in ts)
     if largest == 0:
@@ -202,9 +196,9 @@ def _device_row(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         sumsq = torch.dot(b, b)
         sumabs = b.abs_().sum()
         maxabs = b.nan_to_num_(nan=0.0, posinf=math.inf).amax()  # max over non-NaN values
-        counts = torch.stack([nan, inf, c.numel() - nonzero]).to(torch.float64)
-        rows.append(torch.cat([torch.stack([sumsq, sumabs, maxabs]), counts]))
+        cols = dict(SUMSQ=sumsq, SUMABS=sumabs, MAXABS=maxabs, NAN=nan, INF=inf)
+        cols["ZERO"] = c.numel() - nonzero
+        rows.append(torch.stack([v.to(torch.float64) for v in CONTRACT.ordered(cols)]))
     if len(rows) == 1:
         return rows[0]
-    r = torch.stack(rows)
-    return torch.cat([r[:, :2].sum(0), r[:, 2].amax().reshape(1), r[:, 3:].sum(0)])
+    return combine_pieces(torch.stack(rows))

@@ -16,7 +16,8 @@ Where things are (DeepSpeed 0.19, checked on CPU ranks):
   piece is a :class:`Segment`; padding belongs to none and is never counted.
 - **Combining**: every rank reduces its segments into per-parameter partials rows (rows it holds
   no piece of stay zero), and one small all-reduce of the ``[T, 6]`` rows per collected step
-  (sums, and max for the max-abs column) gives every rank the same full per-parameter partials.
+  (per column the contract's combine: sums, and max for the max-abs column) gives every rank
+  the same full per-parameter partials.
 - **The clip norm** is ``_global_grad_norm`` (DeepSpeed's pre-clip global norm, unscaled), with
   ``clip_grad`` (the config's ``gradient_clipping``) as max norm; DeepSpeed's clip coefficient,
   ``clip_grad / (norm + 1e-6)`` capped at 1, is torch's. Under fp16 the loss scale is DeepSpeed's
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..collector import OptimizerWatch
-from ..kernels import N_PARTIALS
+from ..kernels import CONTRACT
 from ..loop_values import with_host_values
 from ..records import DeviceValue
 
@@ -214,7 +215,7 @@ class ZeroWatch(OptimizerWatch):
         layout = self.listing.layout_for(zl.params, zl.group_of)
         t = len(zl.params)
         device = self._rows[0][1].device if self._rows else torch.device("cpu")
-        full = torch.zeros((t, N_PARTIALS), dtype=torch.float64, device=device)
+        full = CONTRACT.zeros(t, device)  # identity rows of both combines
         for flat_id, partials in self._rows:
             # at most one segment of a parameter per flat partition and rank: plain assignment
             full.index_copy_(0, self._row_index(flat_id, device), partials)
