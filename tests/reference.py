@@ -91,6 +91,9 @@ def reference_stats(grads, vanishing: float = 1e-7, exploding: float = 1e2) -> d
             "grad_tensor_l2_norm_min": float(norms.min()) if finite else None,
             "grad_tensor_l2_norm_max": float(norms.max()) if finite else None,
             "grad_tensor_l2_norm_mean": float(norms.mean()) if finite else None,
+            "grad_tensor_l2_norm_max_to_min_ratio": (
+                float(norms.max() / norms.min()) if finite and norms.min() > 0 else None
+            ),
         }
     )
     return out

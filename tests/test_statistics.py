@@ -372,3 +372,40 @@ def test_fast_listing_matches_the_per_tensor_one_and_follows_size_changes(backen
         assert latest.partials[:, 0].tolist() == [5.0, 24.0]
     finally:
         handle.close()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_every_statistic_of_all_gradients_matches_its_float64_reference(backend):
+    """Every GLOBAL statistic the catalog computes from partials, computed by the kernels and
+    the catalog, against reference_stats (independent of gradwatch's code): a new entry without
+    a reference fails here."""
+    from gradwatch import catalog
+    from gradwatch.kernels.dispatch import select_backend
+    from gradwatch.records import Aggregate
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [
+        torch.randn(5, 7, generator=gen),
+        torch.zeros(3),
+        torch.randn(64, generator=gen).to(torch.bfloat16),
+        torch.randn(2, 3, dtype=torch.float64, generator=gen) * 1e3,
+    ]
+    grads[0][0, 0] = 0.0
+    ref = reference_stats(grads)
+    partials = select_backend(torch.device("cpu"), backend).reduce(grads).numpy()
+    agg = Aggregate.of(partials, np.array([g.numel() for g in grads], dtype=np.float64))
+    th = catalog.Thresholds()
+    checked = 0
+    for stat in catalog.CATALOG:
+        if stat.scope != catalog.GLOBAL or stat.compute is None:
+            continue
+        assert stat.prom_name in ref, f"{stat.prom_name}: add its reference to reference.py"
+        got, want = stat.compute(agg, th), ref[stat.prom_name]
+        if isinstance(want, dict):
+            assert got == want, stat.prom_name
+        elif want is None:
+            assert math.isnan(got), stat.prom_name
+        else:
+            assert got == pytest.approx(want, rel=1e-12), stat.prom_name
+        checked += 1
+    assert checked >= 14
