@@ -29,6 +29,8 @@ class _Event:
 
 
 class _Stream:
+    waited: list = []  # events the (emulated) main stream was told to wait for
+
     def __init__(self, device=None) -> None:
         pass
 
@@ -36,7 +38,7 @@ class _Stream:
         pass
 
     def wait_event(self, event) -> None:
-        pass
+        _Stream.waited.append(event)
 
 
 @pytest.fixture
@@ -46,6 +48,7 @@ def emulated_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
     _Event.completed = True
+    _Stream.waited = []
     yield
     _Event.completed = True
 
@@ -122,3 +125,42 @@ def test_sampled_update_goes_through_the_same_readback(emulated_cuda):
     assert u.step == 5
     np.testing.assert_array_equal(u.delta[:, 0], [1.0, 4.0])
     np.testing.assert_array_equal(u.param[:, 0], [9.0, 16.0])
+
+
+def test_a_full_ring_never_skips_the_ranks_combine(emulated_cuda, monkeypatch):
+    """Combining across ranks: the all-reduce is issued at every collected step even when this
+    rank drops the sample (its peers would pair their next all-reduce with this one)."""
+    from gradwatch import distributed
+
+    combines = []
+    monkeypatch.setattr(
+        distributed, "start_combine", lambda p, owned: (combines.append(len(combines)) or p, [])
+    )
+    monkeypatch.setattr(distributed, "finish_combine", lambda result: result)
+    watch = _watch()
+    layout = Layout.build(["w"], ["0"])
+    owned = np.ones(1, dtype=bool)
+    _Event.completed = False
+    for step in range(1, RING_SLOTS + 3):
+        watch.steps = step
+        rows = torch.zeros(1, 6, dtype=torch.float64)
+        watch._launch_cuda(
+            torch.device("cpu"), lambda rows=rows: rows, layout, np.ones(1), LoopValues(), [], owned
+        )
+    assert len(combines) == RING_SLOTS + 2  # one per step, dropped or not
+    assert watch.dropped_steps == 2 and len(watch._grad_results) == RING_SLOTS
+    assert len(_Stream.waited) == RING_SLOTS + 2  # the main stream waited every time
+
+
+def test_the_main_stream_waits_even_when_the_launch_fails(emulated_cuda):
+    watch = _watch()
+
+    def failing_reduce():
+        raise RuntimeError("injected launch failure")
+
+    with pytest.raises(RuntimeError):  # the caller (collect_step) counts it
+        watch._launch_cuda(
+            torch.device("cpu"), failing_reduce, Layout.build(["w"], ["0"]), np.ones(1),
+            LoopValues(), [],
+        )  # fmt: skip
+    assert len(_Stream.waited) == 1  # later writes to the grads wait for what was queued

@@ -357,44 +357,62 @@ class OptimizerWatch:
     ) -> None:
         """``reduce()`` gives the [T, 6] partials (launched on the side stream, which waits for
         the main one); they are combined across ranks if ``owned`` is given, then go through the
-        readback with the loop's device values and are published by :meth:`poll`."""
-        if self._grad_results.full():
-            with self._lock:
-                self.dropped_steps += 1
+        readback with the loop's device values and are published by :meth:`poll`.
+
+        A full ring drops the sample, but never before a collective: whether this rank's
+        earlier results have completed is its own, and a rank that skipped the all-reduce
+        would pair its next one with its peers' current one (or leave them waiting)."""
+        combine = owned is not None
+        dropped = self._grad_results.full()
+        if dropped and not combine:
+            self._count_dropped()
             return
         stream = self._streams(device)
         main = torch.cuda.current_stream(device)
         stream.wait_stream(main)  # read grads only once their producer (maybe FSDP's) is done
-        combine = owned is not None
-        with torch.cuda.stream(stream):
-            partials = reduce()
-            extra = None
-            if device_values:
-                # before the event the main stream waits for: the loop may change these tensors
-                # in place once it goes on (GradScaler.update() writes its scale)
-                extra = torch.stack(
-                    [d.tensor.reshape(()).to(device, torch.float64) for d in device_values]
-                )
-            reduced = torch.cuda.Event()
-            reduced.record(stream)
-            parts = [partials]
-            if combine:
-                # Collectives on the dedicated group; wait() orders this side stream after them on
-                # the device (NCCL), the host goes on.
-                result, works = distributed.start_combine(partials, owned)
-                for work in works:
-                    work.wait()
-                parts = [distributed.finish_combine(result)]
-            if extra is not None:
-                parts.append(extra)
-            if combine:
-                parts.append(partials)  # this rank's own, uncombined
-            slots = tuple(d.without_tensor() for d in device_values)  # read from the packet
-            result_of = GradResult(self.steps, layout, numel, loop, slots, combine)
-            self._grad_results.push(parts, result_of, device)
-        # Later in-place writes (clip, unscale_, fused steps, zero_grad) and frees are ordered after
-        # the reduction on the device; the host does not wait.
-        main.wait_event(reduced)
+        reduced = None
+        try:
+            with torch.cuda.stream(stream):
+                partials = reduce()
+                if partials.device.type == "cuda":
+                    # made on the main stream by some callers (ZeRO's rows): read here after
+                    # main goes on, so its memory must not be reused before this stream is done
+                    partials.record_stream(stream)
+                extra = None
+                if device_values:
+                    # before the event the main stream waits for: the loop may change these
+                    # tensors in place once it goes on (GradScaler.update() writes its scale)
+                    extra = torch.stack(
+                        [d.tensor.reshape(()).to(device, torch.float64) for d in device_values]
+                    )
+                reduced = torch.cuda.Event()
+                reduced.record(stream)
+                parts = [partials]
+                if combine:
+                    # Collectives on the dedicated group; wait() orders this side stream after
+                    # them on the device (NCCL), the host goes on.
+                    result, works = distributed.start_combine(partials, owned)
+                    for work in works:
+                        work.wait()
+                    parts = [distributed.finish_combine(result)]
+                if dropped:
+                    self._count_dropped()
+                    return
+                if extra is not None:
+                    parts.append(extra)
+                if combine:
+                    parts.append(partials)  # this rank's own, uncombined
+                slots = tuple(d.without_tensor() for d in device_values)  # read from the packet
+                result_of = GradResult(self.steps, layout, numel, loop, slots, combine)
+                self._grad_results.push(parts, result_of, device)
+        finally:
+            # Later in-place writes (clip, unscale_, fused steps, zero_grad) and frees are
+            # ordered after the reduction on the device; the host does not wait. Also when
+            # something above raised: what the side stream already queued reads the grads.
+            if reduced is None:
+                reduced = torch.cuda.Event()
+                reduced.record(stream)
+            main.wait_event(reduced)
 
     def _publish_update(self, readout: UpdateReadout) -> None:
         with self._publish_lock:

@@ -125,6 +125,15 @@ def inner_optimizers(zero) -> list[torch.optim.Optimizer]:
     return found
 
 
+def _partition_device(zero) -> torch.device:
+    """The device of the ZeRO optimizer's flat partitions (its inner optimizer's params)."""
+    for inner in inner_optimizers(zero):
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                return flat.device
+    return torch.device("cpu")
+
+
 class ZeroWatch(OptimizerWatch):
     """Watches one DeepSpeed ZeRO optimizer; ``optimizer_ref`` is the ZeRO optimizer."""
 
@@ -188,8 +197,12 @@ class ZeroWatch(OptimizerWatch):
             self._rows = []
 
     def _collect(self, clip=None) -> None:
-        if self._collecting:  # an inner step that failed to reduce publishes nothing
-            self._publish_rows(self.optimizer_ref)
+        if not self._collecting:  # an inner step failed to reduce (counted)
+            # Still join the ranks' combine, with no rows of its own: a rank that skipped it
+            # would leave its peers waiting in the all-reduce. Its peers' values of this step
+            # then miss this rank's pieces; the failure shows in gradwatch_errors_total.
+            self._rows = []
+        self._publish_rows(self.optimizer_ref)
 
     def _row_index(self, flat_id: int, device: torch.device) -> torch.Tensor:
         """The layout rows of a flat partition's segments, on ``device`` (copied once)."""
@@ -214,7 +227,9 @@ class ZeroWatch(OptimizerWatch):
         zl = self._zero_layout()
         layout = self.listing.layout_for(zl.params, zl.group_of)
         t = len(zl.params)
-        device = self._rows[0][1].device if self._rows else torch.device("cpu")
+        # every rank must pick the same device (hence collective backend) as its peers: that of
+        # the flat partitions (CPU under ZeRO-Offload), also on a rank that has no rows
+        device = self._rows[0][1].device if self._rows else _partition_device(zero)
         full = CONTRACT.zeros(t, device)  # identity rows of both combines
         for flat_id, partials in self._rows:
             # at most one segment of a parameter per flat partition and rank: plain assignment
