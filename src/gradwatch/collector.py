@@ -108,6 +108,7 @@ class OptimizerWatch:
     """Watches one optimizer: collects at its pre-step hook, publishes :class:`Readout` s."""
 
     samples_updates = True  # GRADWATCH_UPDATE_EVERY applies (a stack's own watch may say no)
+    noise_scale_unsupported = ""  # where GRADWATCH_MICRO_BATCH_SIZE does not apply (logged)
 
     def __init__(
         self,
@@ -163,7 +164,13 @@ class OptimizerWatch:
                     " gradient noise scale is computed for single-process training only",
                     config.world_size,
                 )
-            elif self.supports_noise_scale():
+            elif self.noise_scale_unsupported:
+                log.warning(
+                    "gradwatch: GRADWATCH_MICRO_BATCH_SIZE is not supported %s: no gradient"
+                    " noise scale",
+                    self.noise_scale_unsupported,
+                )
+            else:
                 self._noise = NoiseEstimator(
                     config.micro_batch_size, config.noise_ema, config.loss_accumulation
                 )
@@ -171,13 +178,9 @@ class OptimizerWatch:
                     optimizer,
                     self.steps + 1,
                     lambda: self._sumsq_now(),  # late-bound: tests replace the method
-                    lambda: self.steps % config.every == 0,
+                    lambda: self._due(config.every, self.steps + 1),  # the coming step
                     errors,
                 )
-
-    def supports_noise_scale(self) -> bool:
-        """GRADWATCH_MICRO_BATCH_SIZE applies (a stack's own watch may log why not)."""
-        return True
 
     def remove_hooks(self) -> None:
         if self._windows is not None:
@@ -211,9 +214,10 @@ class OptimizerWatch:
         except Exception as exc:  # noqa: BLE001
             self.errors.record("readout", exc)
 
-    def _due(self, every: int) -> bool:
-        """This step is one of 1, every + 1, 2 every + 1, ... (every 0: none is)."""
-        return every > 0 and (self.steps - 1) % every == 0
+    def _due(self, every: int, step: int | None = None) -> bool:
+        """This step (or ``step``) is one of 1, every + 1, 2 every + 1, ... (every 0: none is)."""
+        step = self.steps if step is None else step
+        return every > 0 and (step - 1) % every == 0
 
     def collect_step(self, clip: ClipRecord | None = None, sample_update: bool = True) -> None:
         """Second half: the gradients the step will apply are final. At the pre-step hook

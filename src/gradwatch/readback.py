@@ -40,8 +40,8 @@ class Packet:
     def pack(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """A pinned host buffer receiving every part by a non-blocking copy on the current
         stream (no host sync; the caching host allocator keeps it until the copies are done).
-        Without CUDA (tests that emulate the device path) the buffer is plain memory."""
-        pinned = torch.cuda.is_available()
+        Parts already on the host (tests that emulate the device path) need no pinning."""
+        pinned = any(p.is_cuda for p in parts)
         host = torch.empty(self.size, dtype=torch.float64, pin_memory=pinned)
         offset = 0
         for part in parts:

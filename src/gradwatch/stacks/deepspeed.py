@@ -137,14 +137,8 @@ def _partition_device(zero) -> torch.device:
 class ZeroWatch(OptimizerWatch):
     """Watches one DeepSpeed ZeRO optimizer; ``optimizer_ref`` is the ZeRO optimizer."""
 
-    def supports_noise_scale(self) -> bool:
-        log.warning(
-            "gradwatch: GRADWATCH_MICRO_BATCH_SIZE is not supported under DeepSpeed ZeRO:"
-            " no gradient noise scale"
-        )
-        return False
-
     samples_updates = False  # GRADWATCH_UPDATE_EVERY: DeepSpeed updates flat fp32 copies
+    noise_scale_unsupported = "under DeepSpeed ZeRO"
 
     # ---- the ZeRO step (see module docstring) ----
     def begin_zero_step(self) -> None:
