@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 # Triton decides at its first import whether its library functions run interpreted. Without a
@@ -23,3 +25,16 @@ if not torch.cuda.is_available():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture(scope="module")
+def native_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The native kernel built into a temporary cache dir, not the user's ~/.cache, for one test
+    module (its modules use it through ``pytestmark``); the loaded kernel is forgotten after."""
+    from gradwatch.kernels import cpu_native
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADWATCH_CACHE_DIR", str(tmp_path_factory.mktemp("gw-cache")))
+        cpu_native._reset_state()
+        yield
+    cpu_native._reset_state()

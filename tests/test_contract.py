@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -120,13 +120,8 @@ def test_unscale_is_the_written_out_division() -> None:
         assert np.array_equal(got.view(np.int64), want.view(np.int64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADWATCH_CACHE_DIR", str(tmp_path_factory.mktemp("gw-cache")))
-        cpu_native._reset_state()
-        yield
-    cpu_native._reset_state()
+# the native kernel is built into a temporary cache dir (conftest.py), not ~/.cache
+pytestmark = pytest.mark.usefixtures("native_cache_dir")
 
 
 def _backends() -> dict[str, Callable]:

@@ -312,39 +312,35 @@ def test_port_plus_local_rank_checked_for_watch_arguments_too():
 
 
 # ---- 3. TLS material loaded and checked when the settings are read --------------------------
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    from util import require_tool
+    from util import openssl, require_tool
 
     require_tool("openssl")
     d = tmp_path_factory.mktemp("pki-hardening")
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     new_key = ("req", "-newkey", "rsa:2048", "-nodes")
-    _openssl(*new_key, "-x509", "-days", "2", "-subj", "/CN=ca", "-keyout", "ca.key", "-out",
+    openssl(*new_key, "-x509", "-days", "2", "-subj", "/CN=ca", "-keyout", "ca.key", "-out",
              "ca.pem", cwd=d)  # fmt: skip
     for name in ("server", "other"):
-        _openssl(*new_key, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
+        openssl(*new_key, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
                  f"{name}.csr", cwd=d)  # fmt: skip
     sign = ("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-extfile", "san.cnf")  # fmt: skip
-    _openssl(*sign, "-days", "2", "-out", "server.pem", cwd=d)
-    _openssl(*sign, "-days", "-1", "-out", "expired.pem", cwd=d)  # notAfter before now
+    openssl(*sign, "-days", "2", "-out", "server.pem", cwd=d)
+    openssl(*sign, "-days", "-1", "-out", "expired.pem", cwd=d)  # notAfter before now
     (d / "ca.cnf").write_text(  # `openssl ca`: the one way to a start date in the future
         "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n"
         "default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
     )
     (d / "index.txt").write_text("")
     (d / "serial").write_text("01\n")
-    _openssl("ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile",
+    openssl("ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile",
              "ca.key", "-in", "server.csr", "-startdate", "20990101000000Z", "-enddate",
              "20990201000000Z", "-out", "future.pem", cwd=d)  # fmt: skip
-    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
+    openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
              "encrypted.key", cwd=d)  # fmt: skip
-    _openssl("rsa", "-in", "server.key", "-aes256", "-traditional", "-passout", "pass:secret",
+    openssl("rsa", "-in", "server.key", "-aes256", "-traditional", "-passout", "pass:secret",
              "-out", "encrypted-traditional.key", cwd=d)  # fmt: skip
     (d / "combined.pem").write_bytes(
         (d / "server.key").read_bytes() + (d / "server.pem").read_bytes()

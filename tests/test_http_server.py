@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.request
@@ -18,7 +17,8 @@ from prometheus_client import generate_latest
 from torch import nn
 
 import gradwatch
-from util import fetch, parse, require_tool, value
+import util
+from util import fetch, parse, value
 
 
 @pytest.fixture
@@ -236,33 +236,7 @@ def test_cpu_budget_bounds_back_to_back_scrapers_and_serves_cached_bodies(served
 # ---- no tracebacks for client misbehaviour --------------------------------------------------
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory):
-    require_tool("openssl")
-    d = tmp_path_factory.mktemp("selfsigned")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ],
-        cwd=d,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return d / "cert.pem", d / "key.pem"
+    return util.self_signed(tmp_path_factory.mktemp("selfsigned"), "localhost")
 
 
 def test_no_traceback_for_plain_http_to_tls_missing_client_cert_or_idle(self_signed, capfd, caplog):

@@ -26,14 +26,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [0, 1, 2, 15, 16, 17, 31, 2047, 2048, 2049, 3 * 2048 + 5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Build into a temporary cache dir, not the user's ~/.cache; restored after this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADWATCH_CACHE_DIR", str(tmp_path_factory.mktemp("gw-cache")))
-        cpu_native._reset_state()
-        yield
-    cpu_native._reset_state()
+# the native kernel is built into a temporary cache dir (conftest.py), not ~/.cache
+pytestmark = pytest.mark.usefixtures("native_cache_dir")
 
 
 def _require_native() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.catalog import FromPartials
-from util import assert_promtool_clean, fetch, free_port, parse, require_tool, value
+from util import assert_promtool_clean, fetch, free_port, openssl, parse, require_tool, value
 
 
 def assert_port_free(port: int) -> None:
@@ -319,16 +319,12 @@ def test_default_bind_is_loopback_and_all_interfaces_warns(caplog):
     assert _warnings(caplog, "all interfaces") == 1
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     require_tool("openssl")
     d = tmp_path_factory.mktemp("pki")
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
+    openssl(
         "req",
         "-x509",
         "-newkey",
@@ -345,7 +341,7 @@ def certs(tmp_path_factory):
         cwd=d,
     )
     for name in ("server", "client"):
-        _openssl(
+        openssl(
             "req",
             "-newkey",
             "rsa:2048",
@@ -358,7 +354,7 @@ def certs(tmp_path_factory):
             f"{name}.csr",
             cwd=d,
         )
-        _openssl(
+        openssl(
             "x509",
             "-req",
             "-in",

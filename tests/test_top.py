@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from util import IN_CI, fetch, free_port, parse, value
+from util import IN_CI, fetch, free_port, parse, self_signed, value
 
 if not IN_CI:
     pytest.importorskip("rich")
@@ -127,17 +127,7 @@ def test_top_over_tls(tmp_path: Path):
 
     import gradwatch
 
-    if shutil.which("openssl") is None:
-        if IN_CI:
-            pytest.fail("openssl is not installed")
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path, "127.0.0.1")
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradwatch.watch(model, opt, port=0, tls_cert=str(cert), tls_key=str(key)) as h:

@@ -39,6 +39,41 @@ def assert_promtool_clean(text: str) -> None:
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
 
 
+def openssl(*args: str, cwd=None) -> None:
+    """Run ``openssl args`` (missing: skip locally, fail in CI), bounded in time."""
+    import subprocess
+
+    subprocess.run(
+        [require_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60
+    )
+
+
+def self_signed(directory, common_name: str) -> tuple:
+    """(cert, key) paths of a 2-day self-signed certificate for 127.0.0.1 in ``directory``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", f"/CN={common_name}", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(key), "-out", str(cert),
+    )  # fmt: skip
+    return cert, key
+
+
+def write_json(path, data) -> None:
+    """Write ``data`` as JSON so that a reader polling for ``path`` never sees it half written
+    (the torchrun scripts' results)."""
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(path)
+
+
+def l2_norm(tensors) -> float:
+    """sqrt(sum of x^2) over tensors, in their own dtype (the scripts pass float64 copies)."""
+    return float(torch.stack([(t * t).sum() for t in tensors]).sum().sqrt())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,10 +7,8 @@ DeepSpeed's own safe_get_full_grad(param) (full fp32 gradient, pre-clip), widene
 after engine.step() the rank scrapes its own /metrics. Writes OUT/rank<r>.json.
 """
 
-import json
 import os
 import sys
-import urllib.request
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradwatch  # noqa: E402
+from util import fetch, write_json  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
@@ -75,8 +74,7 @@ for step in range(1, steps + 1):
         port = handle.port
     else:
         port = gradwatch.session._SESSION.port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+    text = fetch(port, timeout=10)
     records.append(
         {
             "step": step,
@@ -87,6 +85,6 @@ for step in range(1, steps + 1):
             "scrape": text,
         }
     )
-(out / f"rank{rank}.json").write_text(json.dumps({"names": names, "records": records}))
+write_json(out / f"rank{rank}.json", {"names": names, "records": records})
 if handle is not None:
     handle.close()

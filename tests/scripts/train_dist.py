@@ -7,7 +7,6 @@ which rank 1 writes one NaN into its own local shard of the first parameter's gr
 writes OUT/rank<r>.phase2.json. It then waits for OUT/done (or 120 s) so the test can scrape.
 """
 
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradwatch  # noqa: E402
 from reference import reference_stats  # noqa: E402
+from util import write_json  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -76,9 +76,7 @@ def write(phase, grads, extra=None):
     ref = reference_stats(grads)
     ref["get_total_norm"] = float(torch.nn.utils.get_total_norm(grads, 2.0))
     ref.update(rank=rank, port=handle.port, placements=placements(), **(extra or {}))
-    path = out / f"rank{rank}.{phase}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(ref))
-    path.with_suffix(".tmp").rename(path)
+    write_json(out / f"rank{rank}.{phase}.json", ref)
 
 
 def placements():

@@ -30,10 +30,8 @@ of this rank's parameter shards after the step and of their update (gradwatch's 
 param_* are per rank), and the scrape text.
 """
 
-import json
 import os
 import sys
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -54,6 +52,7 @@ from torchtitan.models.llama3 import model_registry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradwatch  # noqa: E402
 from reference import reference_stats  # noqa: E402
+from util import fetch, l2_norm, write_json  # noqa: E402
 
 VOCAB, SEQ, BATCH, LAYERS = 128, 16, 2, 2
 MAX_NORM = 1.0
@@ -118,10 +117,6 @@ def local_shards():
     return [p.detach().to_local().to(torch.float64).clone() for p in params]
 
 
-def l2(tensors):
-    return float(torch.stack([(t * t).sum() for t in tensors]).sum().sqrt())
-
-
 records = []
 for step in range(1, len(FACTORS) + 1):
     gen = torch.Generator().manual_seed(1000 * step + rank)  # different data per rank
@@ -146,16 +141,15 @@ for step in range(1, len(FACTORS) + 1):
     optimizers.step()
     after = local_shards()
     lr_schedulers.step()
-    with urllib.request.urlopen(f"http://127.0.0.1:{handle.port}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
+    metrics = fetch(handle.port, timeout=10)
     records.append(
         {
             "step": step,
             "ref": ref,
             "norm": float(norm),
             "lrs": lrs,
-            "update": l2([a - b for a, b in zip(after, before, strict=True)]),
-            "param": l2(after),
+            "update": l2_norm([a - b for a, b in zip(after, before, strict=True)]),
+            "param": l2_norm(after),
             "per_param": per_param,  # name -> [L2 norm, abs max] of its full gradient
             "inner_optimizers": len(optimizers.optimizers),
             "placements": sorted({str(p.grad.placements) for p in params}),
@@ -163,7 +157,5 @@ for step in range(1, len(FACTORS) + 1):
         }
     )
 handle.close()
-path = out / f"rank{rank}.json"
-path.with_suffix(".tmp").write_text(json.dumps(records))
-path.with_suffix(".tmp").rename(path)
+write_json(out / f"rank{rank}.json", records)
 dist.destroy_process_group()

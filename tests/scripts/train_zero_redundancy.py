@@ -9,10 +9,8 @@ at the end it writes OUT/rank<r>.json: [{"step", "grads", "lr", "update", "param
 "inner_params", "metrics"}] (update, param: float64 L2 norms of the full update and parameters).
 """
 
-import json
 import os
 import sys
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradwatch  # noqa: E402
+from util import fetch, l2_norm, write_json  # noqa: E402
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -33,10 +32,6 @@ model = DistributedDataParallel(
 )
 opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=1e-2)
 handle = gradwatch.watch(model, port=0, update_every=1)
-
-
-def l2(tensors):
-    return float(torch.stack([(t * t).sum() for t in tensors]).sum().sqrt())
 
 
 scales = [2.0, 0.01, 30.0, 0.3, 5.0, 0.05]
@@ -60,22 +55,19 @@ for step in range(1, len(scales) + 1):
     else:
         opt.step(closure)
     after = [p.detach().to(torch.float64) for p in model.parameters()]
-    with urllib.request.urlopen(f"http://127.0.0.1:{handle.port}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
+    metrics = fetch(handle.port, timeout=10)
     records.append(
         {
             "step": step,
             "grads": applied[0],
             "lr": opt.param_groups[0]["lr"],
             # every rank's params after ZeRO's broadcast: the whole update, on every rank
-            "update": l2([a - b for a, b in zip(after, before, strict=True)]),
-            "param": l2(after),
+            "update": l2_norm([a - b for a, b in zip(after, before, strict=True)]),
+            "param": l2_norm(after),
             "inner_params": sum(p.numel() for g in opt.optim.param_groups for p in g["params"]),
             "metrics": metrics,
         }
     )
 handle.close()
-path = out / f"rank{rank}.json"
-path.with_suffix(".tmp").write_text(json.dumps(records))
-path.with_suffix(".tmp").rename(path)
+write_json(out / f"rank{rank}.json", records)
 dist.destroy_process_group()
